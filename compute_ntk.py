@@ -1,0 +1,19 @@
+"""Empirical NTK eigendecomposition at initialization.
+
+python compute_ntk.py                                   # LeNet on the embedded digits data
+python compute_ntk.py model=lenet data.dataset=cifar10 data.root=data
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ntklab.experiments import compute_ntk
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="compute_ntk/config")
+def main(cfg: DictConfig) -> None:
+    compute_ntk.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``compute_ntk.py``: the empirical NTK of a network at initialization and its top eigenpairs.
+
+Dimensions: N = num_train + num_test examples (train first), k eigenpairs.
+
+    run(cfg)   # writes {paths.run_dir}/eigvals.npy [k], eigvecs.npy [k, N], ..., meta.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ntklab import artifacts
+from ntklab.data import load_dataset
+from ntklab.eigen import top_eigenpairs
+from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
+from ntklab.ntk import empirical_ntk
+from ntklab.plots import spectrum_figure
+
+logger = logging.getLogger(__name__)
+
+NON_IDENTITY_KEYS = {"data": ("root", "download"), "ntk": ("batch_size", "save_kernel")}
+"""Config keys that do not change the results, left out of a run folder's identity."""
+
+
+def run_identity(cfg: DictConfig) -> dict:
+    """The config keys that determine a run's results (what ``config.json`` records)."""
+    identity = {
+        "seed": cfg.seed,
+        "model": artifacts.to_container(cfg.model),
+        "data": artifacts.to_container(cfg.data),
+        "ntk": artifacts.to_container(cfg.ntk),
+    }
+    for group, keys in NON_IDENTITY_KEYS.items():
+        for key in keys:
+            identity[group].pop(key, None)
+    return identity
+
+
+def run(cfg: DictConfig) -> Path:
+    """Computes, eigendecomposes and saves the eNTK described by ``cfg``.
+
+    Args:
+      cfg: the composed ``config/compute_ntk`` config (``seed``, ``model``, ``data``, ``ntk``,
+        ``paths``, ``overwrite``).
+
+    Returns:
+      The run folder.
+
+    Raises:
+      ValueError: unknown model or dataset, ``ntk.num_eigvecs`` larger than N, a non-finite kernel.
+      FileExistsError: the run folder holds a run of another configuration.
+    """
+    timings: dict[str, float] = {}
+    logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("JAX devices: %s", jax.devices())
+
+    tic = time.perf_counter()
+    model = build_model(**cfg.model)
+    dataset = load_dataset(
+        cfg.data.dataset,
+        root=cfg.data.root,
+        download=cfg.data.download,
+        normalize=cfg.data.normalize,
+        num_train=cfg.data.num_train,
+        num_test=cfg.data.num_test,
+        seed=cfg.seed,
+    )
+    x = np.concatenate([dataset.train.images, dataset.test.images])
+    num_samples = len(x)
+    if not 1 <= cfg.ntk.num_eigvecs <= num_samples:
+        raise ValueError(
+            f"ntk.num_eigvecs={cfg.ntk.num_eigvecs} must be between 1 and the number of samples "
+            f"N={num_samples} ({len(dataset.train.images)} train + {len(dataset.test.images)} test)"
+        )
+    timings["data_s"] = time.perf_counter() - tic
+    run_dir = artifacts.prepare_run_dir(
+        cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
+    )
+    logger.info("writing to %s", run_dir.resolve())
+
+    tic = time.perf_counter()
+    variables = init_variables(model, jax.random.PRNGKey(cfg.seed), tuple(x.shape[1:]))
+    apply_fn = inference_apply_fn(model, variables)
+    num_params = count_params(variables["params"])
+    timings["init_s"] = time.perf_counter() - tic
+    logger.info(
+        "%s: %d parameters; N=%d inputs of shape %s",
+        cfg.model.name,
+        num_params,
+        num_samples,
+        x.shape[1:],
+    )
+
+    tic = time.perf_counter()
+    kernel = empirical_ntk(
+        apply_fn,
+        variables["params"],
+        x,
+        batch_size=cfg.ntk.batch_size,
+        precision=cfg.ntk.precision,
+        progress=True,
+    )
+    timings["kernel_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    pairs = top_eigenpairs(kernel, cfg.ntk.num_eigvecs, solver=cfg.ntk.solver, seed=cfg.seed)
+    timings["eigen_s"] = time.perf_counter() - tic
+    logger.info(
+        "top %d eigenpairs by %s solver in %.2f s: λ_1=%.4g, max residual ‖Kv-λv‖/λ_1=%.2e",
+        cfg.ntk.num_eigvecs,
+        pairs.solver,
+        timings["eigen_s"],
+        pairs.values[0],
+        pairs.max_residual,
+    )
+
+    tic = time.perf_counter()
+    artifacts.save_array(run_dir / "eigvals.npy", pairs.values)
+    artifacts.save_array(run_dir / "eigvecs.npy", np.ascontiguousarray(pairs.vectors.T))
+    artifacts.save_params(run_dir / "init_params.msgpack", variables)
+    artifacts.save_arrays(
+        run_dir / "samples.npz",
+        train_indices=dataset.train.indices,
+        test_indices=dataset.test.indices,
+    )
+    if cfg.ntk.save_kernel:
+        artifacts.save_array(run_dir / "kernel.npy", kernel)
+    title = f"eNTK spectrum: {cfg.model.name} on {cfg.data.dataset} (N={num_samples})"
+    artifacts.save_figure(spectrum_figure(pairs.values, title=title), run_dir / "spectrum.png")
+    timings["save_s"] = time.perf_counter() - tic
+
+    artifacts.save_json(
+        run_dir / artifacts.META_FILE,
+        {
+            "script": "compute_ntk",
+            "config": artifacts.to_container(cfg),
+            **artifacts.environment_info(),
+            "num_samples": num_samples,
+            "num_train": len(dataset.train.images),
+            "num_test": len(dataset.test.images),
+            "input_shape": list(x.shape[1:]),
+            "num_params": num_params,
+            "inputs": {"sha256": artifacts.array_digest(x), "dtype": str(x.dtype)},
+            "kernel": {
+                "dtype": str(kernel.dtype),
+                "entries": int(kernel.size),
+                "entries_per_s": kernel.size / max(timings["kernel_s"], 1e-9),
+                "trace": float(np.trace(kernel, dtype=np.float64)),
+            },
+            "eigen": {
+                "solver": pairs.solver,
+                "num_eigvecs": len(pairs.values),
+                "max_residual": pairs.max_residual,
+                "sign_convention": "largest-magnitude entry of each eigenvector is positive",
+            },
+            "timings": timings,
+        },
+    )
+    logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
+    return run_dir

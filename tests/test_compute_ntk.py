@@ -1,0 +1,141 @@
+"""compute_ntk end to end on a small N, read back through ntklab.artifacts.load_run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SHARED_DATA, compose_config
+
+from ntklab.artifacts import load_params, load_run
+from ntklab.experiments import compute_ntk
+from ntklab.ntk import empirical_ntk
+
+SMALL = [
+    "model=lenet",
+    "data=digits",
+    "data.num_train=30",
+    "data.num_test=12",
+    "ntk.batch_size=16",
+    "ntk.num_eigvecs=6",
+]
+
+
+def small_config(tmp_path, *extra: str):
+    return compose_config("compute_ntk/config", [*SMALL, f"paths.artifacts={tmp_path}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("compute_ntk")
+    run_dir = compute_ntk.run(small_config(tmp_path, "ntk.save_kernel=true"))
+    return tmp_path, run_dir
+
+
+def test_writes_the_documented_layout(finished_run):
+    tmp_path, run_dir = finished_run
+    assert run_dir == tmp_path / "eigenfunctions" / "digits" / "lenet"
+    names = {p.name for p in run_dir.iterdir()}
+    expected = {"eigvals.npy", "eigvecs.npy", "init_params.msgpack", "samples.npz", "kernel.npy"}
+    assert expected | {"meta.json", "config.json", "spectrum.png"} <= names
+    assert not [name for name in names if name.startswith(".")]  # no temporary leftovers
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["num_samples"] == 42 and meta["num_train"] == 30 and meta["num_test"] == 12
+    assert meta["config"]["model"]["name"] == "lenet"
+    assert meta["versions"]["jax"]
+    assert set(meta["timings"]) == {"data_s", "init_s", "kernel_s", "eigen_s", "save_s"}
+    assert meta["eigen"]["max_residual"] < 1e-4
+    eigvals = np.load(run_dir / "eigvals.npy")
+    assert eigvals.shape == (6,) and np.all(np.diff(eigvals) <= 0)
+    assert np.load(run_dir / "eigvecs.npy").shape == (6, 42)
+    with np.load(run_dir / "samples.npz", allow_pickle=False) as samples:
+        assert len(samples["train_indices"]) == 30 and len(samples["test_indices"]) == 12
+    assert (run_dir / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(load_params(run_dir / "init_params.msgpack")) == {"params"}
+
+
+def test_saved_eigenpairs_satisfy_the_recomputed_kernel(finished_run):
+    _, run_dir = finished_run
+    run = load_run(run_dir)
+    assert run.x.shape == (42, 8, 8, 1) and run.num_train == 30
+    kernel = empirical_ntk(run.apply_fn, run.params, run.x, batch_size=7)
+    np.testing.assert_allclose(kernel, run.kernel(), rtol=1e-5, atol=1e-6 * np.abs(kernel).max())
+    residual = kernel.astype(np.float64) @ run.eigvecs.T - run.eigvecs.T * run.eigvals
+    assert np.linalg.norm(residual, axis=0).max() / run.eigvals[0] < 1e-4
+    reference = np.linalg.eigvalsh(kernel.astype(np.float64))[::-1][:6]
+    np.testing.assert_allclose(run.eigvals, reference, rtol=1e-4)
+    np.testing.assert_allclose(run.eigvecs @ run.eigvecs.T, np.eye(6), atol=1e-5)
+
+
+def test_rerun_with_same_config_reuses_and_other_config_is_refused(finished_run):
+    tmp_path, run_dir = finished_run
+    with pytest.raises(FileExistsError, match=r"different configuration \(seed: 0 -> 1\)"):
+        compute_ntk.run(small_config(tmp_path, "seed=1"))
+    assert (run_dir / "meta.json").exists()  # the refused run touched nothing
+    other = compute_ntk.run(small_config(tmp_path, "seed=1", "overwrite=true"))
+    assert other == run_dir
+    assert json.loads((run_dir / "meta.json").read_text())["config"]["seed"] == 1
+    assert not (run_dir / "kernel.npy").exists()  # files of the replaced run are gone
+
+
+def test_too_many_eigenvectors_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"ntk.num_eigvecs=43 must be between 1 and .* N=42"):
+        compute_ntk.run(small_config(tmp_path, "ntk.num_eigvecs=43"))
+    assert not (tmp_path / "eigenfunctions").exists()
+
+
+def test_unknown_names_list_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid choices: cifar10"):
+        compute_ntk.run(small_config(tmp_path, "data.dataset=imagenet"))
+    with pytest.raises(ValueError, match="unknown model 'vgg'; valid choices: lenet, mlp"):
+        compute_ntk.run(small_config(tmp_path, "model.name=vgg"))
+
+
+def test_load_run_of_a_missing_run_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"run compute_ntk\.py"):
+        load_run(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "cifar-10-batches-py").exists(),
+    reason=f"real CIFAR-10 subset not found at {SHARED_DATA / 'cifar-10-batches-py'}",
+)
+def test_real_cifar10_subset(tmp_path):
+    cfg = compose_config(
+        "compute_ntk/config",
+        [
+            "model=mlp",
+            "model.widths=[32]",
+            "data.dataset=cifar10",
+            f"data.root={SHARED_DATA}",
+            "data.num_train=40",
+            "data.num_test=20",
+            "ntk.num_eigvecs=5",
+            f"paths.artifacts={tmp_path}",
+        ],
+    )
+    run = load_run(compute_ntk.run(cfg))
+    assert run.x.shape == (60, 32, 32, 3)
+    assert sorted(np.bincount(run.labels[:40], minlength=10)) == [4] * 10  # stratified subset
+    kernel = empirical_ntk(run.apply_fn, run.params, run.x)
+    residual = kernel.astype(np.float64) @ run.eigvecs.T - run.eigvecs.T * run.eigvals
+    assert np.linalg.norm(residual, axis=0).max() / run.eigvals[0] < 1e-4
+
+
+def test_entry_script_runs_from_the_command_line(tmp_path):
+    command = [
+        sys.executable,
+        "compute_ntk.py",
+        *SMALL,
+        "model=mlp",
+        "ntk.num_eigvecs=3",
+        f"paths.artifacts={tmp_path / 'artifacts'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "artifacts" / "eigenfunctions" / "digits" / "mlp" / "meta.json").exists()
+    assert "entries/s" in (tmp_path / "hydra" / "compute_ntk.log").read_text()
