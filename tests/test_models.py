@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from scipy.special import erf
+from scipy.stats import kstest
 
 from ntklab.models import (
     build_model,
@@ -249,6 +250,100 @@ def test_gelu_is_exact():
     z = np.linspace(-4.0, 4.0, 41)
     got = np.asarray(get_activation("gelu")(jnp.asarray(z, jnp.float32)))
     np.testing.assert_allclose(got, NP_ACTIVATIONS["gelu"](z), atol=1e-6)
+
+
+# --- MLP parameterizations --------------------------------------------------------------------
+
+
+def test_unknown_parameterization_lists_choices():
+    expected = r"unknown parameterization 'mup'; valid choices: standard, ntk"
+    with pytest.raises(ValueError, match=expected):
+        build_model("mlp", parameterization="mup")
+    with pytest.raises(ValueError, match=expected):
+        type(build_model("mlp"))(parameterization="mup")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"weight_std": 0.0}, "weight_std must be positive and finite, got 0.0"),
+        ({"weight_std": -1.0}, "weight_std must be positive and finite, got -1.0"),
+        ({"weight_std": math.inf}, "weight_std must be positive and finite, got inf"),
+        ({"weight_std": "1.4"}, "weight_std must be a positive number, got '1.4'"),
+        ({"bias_std": -0.1}, "bias_std must be non-negative and finite, got -0.1"),
+        ({"bias_std": math.nan}, "bias_std must be non-negative and finite, got nan"),
+        ({"bias_std": True}, "bias_std must be a non-negative number, got True"),
+    ],
+)
+def test_bad_ntk_stds(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_model("mlp", parameterization="ntk", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"weight_std": 1.4}, {"bias_std": 0.1}])
+def test_stds_rejected_under_standard_parameterization(kwargs):
+    with pytest.raises(ValueError, match="apply only to parameterization='ntk'"):
+        build_model("mlp", **kwargs)
+
+
+def test_ntk_parameterization_keeps_tree_and_count():
+    standard = _abstract_params("mlp", CIFAR_SHAPE)
+    ntk = _abstract_params("mlp", CIFAR_SHAPE, parameterization="ntk", bias_std=0.1)
+    assert count_params(ntk) == 317_501
+    assert jax.tree.structure(ntk) == jax.tree.structure(standard)
+    assert jax.tree.map(lambda a: a.shape, ntk) == jax.tree.map(lambda a: a.shape, standard)
+
+
+def test_ntk_init_is_standard_normal():
+    """Every weight and bias ~ N(0, 1), whatever the fan-in and σ_w, σ_b."""
+    model = build_model(
+        "mlp", widths=(512, 512), parameterization="ntk", weight_std=1.5, bias_std=0.3
+    )
+    params = jax.jit(lambda key: init_variables(model, key, TINY_SHAPE))(jax.random.key(3))
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64).ravel(), params["params"])
+    for layer in ("Dense_0", "Dense_1"):  # kernels [192, 512], [512, 512]; biases [512]
+        for leaf in ("kernel", "bias"):
+            assert kstest(params[layer][leaf], "norm").pvalue > 1e-4, (layer, leaf)
+    # Many entries pin the moments down tightly.
+    weights = params["Dense_1"]["kernel"]
+    assert abs(weights.mean()) < 5 / 512
+    assert abs(weights.var() - 1.0) < 5 * math.sqrt(2) / 512
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_ntk_mlp_matches_numpy(activation, float64):
+    weight_std, bias_std = 1.3, 0.7
+    model = build_model(
+        "mlp",
+        num_outputs=3,
+        activation=activation,
+        widths=(16, 8),
+        parameterization="ntk",
+        weight_std=weight_std,
+        bias_std=bias_std,
+    )
+    params = jax.jit(lambda key: init_variables(model, key, TINY_SHAPE))(jax.random.key(4))
+    params = jax.tree.map(lambda p: np.asarray(p, np.float64), params["params"])
+    x = np.asarray(_images(11, 3), np.float64)
+    act = NP_ACTIVATIONS[activation]
+
+    def dense(h, layer):  # σ_w/√fan_in · h W + σ_b · b
+        kernel, bias = params[layer]["kernel"], params[layer]["bias"]
+        return weight_std / math.sqrt(kernel.shape[0]) * (h @ kernel) + bias_std * bias
+
+    h = act(dense(x.reshape(3, -1), "Dense_0"))
+    expected = dense(act(dense(h, "Dense_1")), "Dense_2")
+    y = jax.jit(inference_apply_fn(model, {}))(params, x)
+    assert y.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ntk_parameterization_from_config():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        overrides = ["+model=mlp", "model.parameterization=ntk", "model.weight_std=1.4142"]
+        cfg = compose(overrides=overrides).model
+    model = build_model(**cfg)
+    assert (model.parameterization, model.weight_std, model.bias_std) == ("ntk", 1.4142, 0.0)
 
 
 # --- ResNet BatchNorm -------------------------------------------------------------------------

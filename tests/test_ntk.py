@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,15 +123,276 @@ def test_non_finite_block_is_named():
 def test_bad_arguments_are_rejected():
     apply_fn, params, shape = network("mlp")
     x = np.zeros((2, *shape), np.float32)
-    with pytest.raises(ValueError, match="unknown implementation 'magic'; valid choices: jacobian"):
+    with pytest.raises(
+        ValueError, match=r"unknown implementation 'magic'; valid choices: auto, jacobian"
+    ):
         empirical_ntk(apply_fn, params, x, implementation="magic")
-    with pytest.raises(ValueError, match="unknown precision 'low'; valid choices: highest"):
+    with pytest.raises(ValueError, match=r"unknown precision 'low'; valid choices: float32, tf32"):
         empirical_ntk(apply_fn, params, x, precision="low")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         empirical_ntk(apply_fn, params, x, batch_size=0)
     with pytest.raises(ValueError, match="x2 examples"):
         empirical_ntk(apply_fn, params, x, np.zeros((2, 3, 3, 2), np.float32))
-    model = build_model("mlp", widths=(4,), num_outputs=3)
-    variables = init_variables(model, jax.random.PRNGKey(0), shape)
-    with pytest.raises(ValueError, match=r"scalar-output .* got output shape \(1, 3\)"):
-        empirical_ntk(inference_apply_fn(model, variables), variables["params"], x)
+    for name, value in [("output", "sum"), ("projection", "sparse"), ("storage_dtype", "int8")]:
+        with pytest.raises(ValueError, match=f"unknown {name} '{value}'; valid choices: "):
+            empirical_ntk(apply_fn, params, x, **{name: value})
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel variants, implementations, devices, out-of-core resume, chunking, projection, precision
+
+
+def brute_force_full(apply_fn, params, x1, x2) -> np.ndarray:
+    """Θ[i, j, c, d] from full jax.jacrev Jacobians [N, C, P]."""
+
+    @jax.jit
+    def jacobian(x):
+        tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        leaves = jax.tree.leaves(tree)
+        return jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], 2)
+
+    return np.asarray(jnp.einsum("icp,jdp->ijcd", jacobian(x1), jacobian(x2)))
+
+
+def multi_output_network(name: str, num_outputs: int):
+    kwargs, shape = MODELS[name]
+    if name == "mlp":
+        kwargs = {"widths": (12,)}
+    model = build_model(name, activation="gelu", num_outputs=num_outputs, **kwargs)
+    variables = init_variables(model, jax.random.PRNGKey(7), shape)
+    return inference_apply_fn(model, variables), as_float64(variables["params"]), shape
+
+
+REDUCE = {
+    "full": lambda k: k,
+    "trace": lambda k: np.einsum("ijcc->ij", k),
+    "diagonal": lambda k: np.einsum("ijcc->ijc", k),
+}
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector_products"])
+@pytest.mark.parametrize("output", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_output_mode_and_implementation_equals_brute_force(
+    implementation, output, symmetric, float64
+):
+    apply_fn, params, shape = multi_output_network("mlp", 3)
+    rng = np.random.default_rng(8)
+    x1 = rng.standard_normal((5, *shape))
+    x2 = None if symmetric else rng.standard_normal((4, *shape))
+    kernel = empirical_ntk(
+        apply_fn, params, x1, x2, output=output, implementation=implementation, batch_size=2
+    )
+    expected = REDUCE[output](brute_force_full(apply_fn, params, x1, x1 if symmetric else x2))
+    assert kernel.shape == expected.shape
+    np.testing.assert_allclose(kernel, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_products_equal_contraction_on_a_cnn(float64):
+    apply_fn, params, shape = multi_output_network("lenet", 2)
+    x = np.random.default_rng(9).standard_normal((5, *shape))
+    contraction = empirical_ntk(apply_fn, params, x, output="full", implementation="jacobian")
+    products = empirical_ntk(
+        apply_fn, params, x, output="full", implementation="ntk_vector_products", batch_size=3
+    )
+    np.testing.assert_allclose(products, contraction, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_follows_the_cost_model():
+    import ntklab.ntk as engine
+
+    apply_fn, params, shape = network("lenet")
+    x = np.zeros((4, *shape), np.float32)
+    instance = engine._Engine(
+        apply_fn, params, x, x, symmetric=True, output="trace", batch_size=4,
+        precision="float32", memory_bytes=None, param_chunk_size=None, projection_dim=None,
+        projection="rademacher", projection_seed=0, devices=jax.devices(),
+    )  # fmt: skip
+    # A forward pass costs at least 2 FLOPs per parameter, so for one output contraction wins.
+    assert instance._forward_flops() >= 2 * instance.num_params
+    assert instance.cheaper_implementation() == "jacobian"
+
+
+@pytest.mark.parametrize("x2_is_none", [True, False])
+def test_parameter_chunks_give_the_unchunked_kernel(x2_is_none, float64):
+    apply_fn, params, shape = network("lenet")
+    params = as_float64(params)
+    x = np.random.default_rng(10).standard_normal((7, *shape))
+    x2 = None if x2_is_none else x[:5]
+    whole = empirical_ntk(apply_fn, params, x, x2, batch_size=3)
+    chunked = empirical_ntk(apply_fn, params, x, x2, batch_size=3, param_chunk_size=500)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "float32", "float64"])
+def test_storage_dtypes(storage_dtype):
+    apply_fn, params, shape = network("mlp")
+    x = np.random.default_rng(11).standard_normal((6, *shape)).astype(np.float32)
+    reference = empirical_ntk(apply_fn, params, x)
+    stored = empirical_ntk(apply_fn, params, x, storage_dtype=storage_dtype)
+    assert stored.dtype == np.dtype(storage_dtype)
+    rtol = {"float16": 2e-3, "float32": 0, "float64": 0}[storage_dtype]
+    np.testing.assert_allclose(stored, reference, rtol=rtol, atol=0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(count: int):
+    def hook(units_done: int) -> None:
+        if units_done == count:
+            raise Interrupted
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    ("x2_is_none", "memory_blocks", "param_chunk_size"),
+    [(True, None, None), (True, 3, None), (False, 3, None), (True, None, 700)],
+)
+def test_resume_after_interruption_gives_the_identical_kernel(
+    tmp_path, x2_is_none, memory_blocks, param_chunk_size
+):
+    apply_fn, params, shape = network("lenet")
+    x = np.random.default_rng(12).standard_normal((9, *shape)).astype(np.float32)
+    x2 = None if x2_is_none else x[:7]
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    options = {
+        "batch_size": 2,
+        "memory_bytes": None if memory_blocks is None else memory_blocks * 2 * num_params * 4,
+        "param_chunk_size": param_chunk_size,
+    }
+    reference = empirical_ntk(apply_fn, params, x, x2, **options)
+    out = tmp_path / "kernel.npy"
+    for stop_at in (1, 3):  # interrupted twice, at different places
+        with pytest.raises(Interrupted):
+            empirical_ntk(apply_fn, params, x, x2, out=out, _after_unit=interrupt_after(stop_at),
+                          **options)  # fmt: skip
+        record = json.loads((tmp_path / "kernel.npy.progress.json").read_text())
+        assert record["units_done"] == stop_at and not record["complete"]
+    resumed = empirical_ntk(apply_fn, params, x, x2, out=out, **options)
+    assert isinstance(resumed, np.memmap)
+    np.testing.assert_array_equal(np.asarray(resumed), reference)
+    assert json.loads((tmp_path / "kernel.npy.progress.json").read_text())["complete"]
+
+
+def test_resume_record_from_other_arguments_is_refused(tmp_path):
+    apply_fn, params, shape = network("mlp")
+    x = np.random.default_rng(13).standard_normal((6, *shape)).astype(np.float32)
+    out = tmp_path / "kernel.npy"
+    with pytest.raises(Interrupted):
+        empirical_ntk(apply_fn, params, x, out=out, batch_size=2, _after_unit=interrupt_after(1))
+    with pytest.raises(ValueError, match=r"different arguments \(changed: inputs_sha256\)"):
+        empirical_ntk(apply_fn, params, x + 1, out=out, batch_size=2)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import jax, numpy as np
+jax.config.update("jax_default_prng_impl", "rbg")  # as in conftest.py: the same initial weights
+sys.path.insert(0, {tests!r})
+from test_ntk import network
+from ntklab.ntk import empirical_ntk
+apply_fn, params, shape = network("lenet")
+x = np.random.default_rng(14).standard_normal((10, *shape)).astype(np.float32)
+kill_at = int(sys.argv[1])
+def hook(done):
+    if done == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+kernel = empirical_ntk(apply_fn, params, x, out=sys.argv[2], batch_size=2, _after_unit=hook)
+np.save(sys.argv[3], np.asarray(kernel))
+"""
+
+
+def test_resume_after_sigkill(tmp_path):
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    out, final = tmp_path / "kernel.npy", tmp_path / "final.npy"
+    killed = subprocess.run([sys.executable, script, "4", out, final], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL and not final.exists()
+    resumed = subprocess.run([sys.executable, script, "-1", out, final], capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    apply_fn, params, shape = network("lenet")
+    x = np.random.default_rng(14).standard_normal((10, *shape)).astype(np.float32)
+    np.testing.assert_array_equal(np.load(final), empirical_ntk(apply_fn, params, x, batch_size=2))
+
+
+SHARDED_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, {tests!r})
+from test_ntk import network, as_float64, multi_output_network
+from ntklab.ntk import empirical_ntk
+assert len(jax.devices()) == 4, jax.devices()
+rng = np.random.default_rng(15)
+for name in ("mlp", "lenet"):
+    apply_fn, params, shape = network(name)
+    params = as_float64(params)
+    x = rng.standard_normal((7, *shape))
+    for x2 in (None, x[:5]):
+        one = empirical_ntk(apply_fn, params, x, x2, batch_size=3, devices=jax.devices()[:1])
+        four = empirical_ntk(apply_fn, params, x, x2, batch_size=3)
+        np.testing.assert_allclose(four, one, rtol=1e-12, atol=1e-12 * np.abs(one).max())
+apply_fn, params, shape = multi_output_network("mlp", 3)
+x = rng.standard_normal((6, *shape))
+for implementation in ("jacobian", "ntk_vector_products"):
+    one = empirical_ntk(apply_fn, params, x, output="full", implementation=implementation,
+                        devices=jax.devices()[:1], batch_size=3)
+    four = empirical_ntk(apply_fn, params, x, output="full", implementation=implementation,
+                         batch_size=3)
+    np.testing.assert_allclose(four, one, rtol=1e-12, atol=1e-12 * np.abs(one).max())
+print("SHARDED-OK")
+"""
+
+
+def test_four_devices_give_the_single_device_kernel(tmp_path):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT.format(tests=str(Path(__file__).parent)))
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_projection_error_shrinks_with_dimension():
+    apply_fn, params, shape = network("lenet")
+    x = np.random.default_rng(16).standard_normal((12, *shape)).astype(np.float32)
+    exact = empirical_ntk(apply_fn, params, x)
+    top = np.linalg.eigh(exact)[1][:, -1]
+    errors, overlaps = [], []
+    for dim in (8, 64, 512):
+        approx = np.mean(
+            [empirical_ntk(apply_fn, params, x, projection_dim=dim, projection_seed=s)
+             for s in range(3)],
+            axis=0,
+        )  # fmt: skip
+        errors.append(np.linalg.norm(approx - exact) / np.linalg.norm(exact))
+        overlaps.append(abs(np.linalg.eigh(approx)[1][:, -1] @ top))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.1 and overlaps[2] > 0.99
+
+
+@pytest.mark.parametrize("projection", ["rademacher", "gaussian"])
+def test_projection_is_seeded_and_chunk_independent(projection):
+    apply_fn, params, shape = network("lenet")
+    x = np.random.default_rng(17).standard_normal((5, *shape)).astype(np.float32)
+    options = {"projection_dim": 32, "projection": projection, "projection_seed": 3}
+    first = empirical_ntk(apply_fn, params, x, **options)
+    np.testing.assert_array_equal(first, empirical_ntk(apply_fn, params, x, **options))
+    chunked = empirical_ntk(apply_fn, params, x, param_chunk_size=400, **options)
+    np.testing.assert_allclose(chunked, first, rtol=1e-5, atol=1e-5 * np.abs(first).max())
+    other = empirical_ntk(apply_fn, params, x, **{**options, "projection_seed": 4})
+    assert not np.allclose(other, first)
+
+
+@pytest.mark.parametrize(("precision", "low", "high"), [
+    ("float32", 0, 1e-5), ("tf32", 1e-5, 3e-3), ("bfloat16", 1e-4, 3e-2),
+])  # fmt: skip
+def test_precision_error_against_float64(precision, low, high, float64):
+    apply_fn, params, shape = network("lenet")
+    x = np.random.default_rng(18).standard_normal((8, *shape)).astype(np.float32)
+    exact = empirical_ntk(apply_fn, as_float64(params), x.astype(np.float64))
+    kernel = empirical_ntk(apply_fn, params, x, precision=precision)
+    error = np.abs(kernel - exact).max() / np.abs(exact).max()
+    assert low <= error < high
