@@ -70,8 +70,9 @@ def test_saved_eigenpairs_satisfy_the_recomputed_kernel(finished_run):
     np.testing.assert_allclose(run.eigvecs @ run.eigvecs.T, np.eye(6), atol=1e-5)
 
 
-def test_rerun_with_same_config_reuses_and_other_config_is_refused(finished_run):
-    tmp_path, run_dir = finished_run
+def test_rerun_with_same_config_reuses_and_other_config_is_refused(tmp_path):
+    run_dir = compute_ntk.run(small_config(tmp_path, "ntk.save_kernel=true"))
+    assert compute_ntk.run(small_config(tmp_path, "ntk.save_kernel=true")) == run_dir
     with pytest.raises(FileExistsError, match=r"different configuration \(seed: 0 -> 1\)"):
         compute_ntk.run(small_config(tmp_path, "seed=1"))
     assert (run_dir / "meta.json").exists()  # the refused run touched nothing
@@ -139,3 +140,39 @@ def test_entry_script_runs_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "artifacts" / "eigenfunctions" / "digits" / "mlp" / "meta.json").exists()
     assert "entries/s" in (tmp_path / "hydra" / "compute_ntk.log").read_text()
+
+
+@pytest.mark.parametrize("solver", ["matrix_free", "nystrom"])
+def test_matrix_free_solvers_end_to_end(tmp_path, finished_run, solver):
+    _, reference_dir = finished_run
+    reference = load_run(reference_dir)  # dense eigenpairs of the same (seed-0) kernel
+    cfg = small_config(tmp_path, f"ntk.solver={solver}", "ntk.nystrom_dims=42")
+    run = load_run(compute_ntk.run(cfg))
+    assert run.meta["kernel"] == {"formed": False}
+    assert run.meta["eigen"]["solver"].startswith(solver)
+    np.testing.assert_allclose(run.eigvals[:3], reference.eigvals[:3], rtol=1e-3)
+    overlaps = np.abs(np.sum(run.eigvecs[:3] * reference.eigvecs[:3], axis=1))
+    np.testing.assert_allclose(overlaps, 1.0, atol=1e-3)
+
+
+def test_out_of_core_kernel_is_the_in_memory_kernel(tmp_path, finished_run):
+    _, reference_dir = finished_run
+    run_dir = compute_ntk.run(small_config(tmp_path, "ntk.out_of_core=true", "ntk.batch_size=8"))
+    record = json.loads((run_dir / "kernel.npy.progress.json").read_text())
+    assert (
+        record["complete"] and record["units_done"] == record["units_total"] == 6
+    )  # 6 column blocks
+    np.testing.assert_allclose(
+        np.load(run_dir / "kernel.npy"), np.load(reference_dir / "kernel.npy"), rtol=1e-5
+    )
+
+
+def test_bad_kernel_options_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs the kernel, which ntk.solver=matrix_free never"):
+        compute_ntk.run(small_config(tmp_path, "ntk.solver=matrix_free", "ntk.save_kernel=true"))
+    with pytest.raises(ValueError, match="ntk.output must be 'trace'"):
+        compute_ntk.run(small_config(tmp_path, "ntk.output=full", "overwrite=true"))
+    with pytest.raises(ValueError, match="unknown ntk.solver 'qr'; valid choices: auto, dense"):
+        compute_ntk.run(small_config(tmp_path, "ntk.solver=qr", "overwrite=true"))
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        compute_ntk.run(small_config(tmp_path, "ntk.precision=fp8", "overwrite=true"))

@@ -8,6 +8,7 @@ Dimensions: N = num_train + num_test examples (train first), k eigenpairs.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,14 +18,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from ntklab import artifacts
 from ntklab.data import load_dataset
-from ntklab.eigen import top_eigenpairs
+from ntklab.eigen import (
+    Eigenpairs,
+    matrix_free_eigenpairs,
+    nystrom_eigenpairs,
+    top_eigenpairs,
+)
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
 from ntklab.ntk import empirical_ntk
 from ntklab.plots import spectrum_figure
+from ntklab.types import ApplyFn, PyTree
 
 logger = logging.getLogger(__name__)
 
-NON_IDENTITY_KEYS = {"data": ("root", "download"), "ntk": ("batch_size", "save_kernel")}
+NON_IDENTITY_KEYS = {
+    "data": ("root", "download"),
+    "ntk": ("batch_size", "save_kernel", "out_of_core", "memory_bytes", "param_chunk_size"),
+}
+MATRIX_FREE_SOLVERS = ("matrix_free", "nystrom")
+SOLVERS = ("auto", "dense", "lanczos", *MATRIX_FREE_SOLVERS)
 """Config keys that do not change the results, left out of a run folder's identity."""
 
 
@@ -97,22 +109,9 @@ def run(cfg: DictConfig) -> Path:
         x.shape[1:],
     )
 
-    tic = time.perf_counter()
-    kernel = empirical_ntk(
-        apply_fn,
-        variables["params"],
-        x,
-        batch_size=cfg.ntk.batch_size,
-        precision=cfg.ntk.precision,
-        progress=True,
-    )
-    timings["kernel_s"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    pairs = top_eigenpairs(kernel, cfg.ntk.num_eigvecs, solver=cfg.ntk.solver, seed=cfg.seed)
-    timings["eigen_s"] = time.perf_counter() - tic
+    kernel, pairs = _kernel_and_eigenpairs(cfg, apply_fn, variables["params"], x, run_dir, timings)
     logger.info(
-        "top %d eigenpairs by %s solver in %.2f s: λ_1=%.4g, max residual ‖Kv-λv‖/λ_1=%.2e",
+        "top %d eigenpairs by the %s solver in %.2f s: λ_1=%.4g, max residual ‖Kv-λv‖/λ_1=%.2e",
         cfg.ntk.num_eigvecs,
         pairs.solver,
         timings["eigen_s"],
@@ -129,7 +128,7 @@ def run(cfg: DictConfig) -> Path:
         train_indices=dataset.train.indices,
         test_indices=dataset.test.indices,
     )
-    if cfg.ntk.save_kernel:
+    if cfg.ntk.save_kernel and kernel is not None and not isinstance(kernel, np.memmap):
         artifacts.save_array(run_dir / "kernel.npy", kernel)
     title = f"eNTK spectrum: {cfg.model.name} on {cfg.data.dataset} (N={num_samples})"
     artifacts.save_figure(spectrum_figure(pairs.values, title=title), run_dir / "spectrum.png")
@@ -147,12 +146,7 @@ def run(cfg: DictConfig) -> Path:
             "input_shape": list(x.shape[1:]),
             "num_params": num_params,
             "inputs": {"sha256": artifacts.array_digest(x), "dtype": str(x.dtype)},
-            "kernel": {
-                "dtype": str(kernel.dtype),
-                "entries": int(kernel.size),
-                "entries_per_s": kernel.size / max(timings["kernel_s"], 1e-9),
-                "trace": float(np.trace(kernel, dtype=np.float64)),
-            },
+            "kernel": _kernel_summary(kernel, num_samples, timings),
             "eigen": {
                 "solver": pairs.solver,
                 "num_eigvecs": len(pairs.values),
@@ -164,3 +158,98 @@ def run(cfg: DictConfig) -> Path:
     )
     logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
     return run_dir
+
+
+def _kernel_and_eigenpairs(
+    cfg: DictConfig,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x: np.ndarray,
+    run_dir: Path,
+    timings: dict[str, float],
+) -> tuple[np.ndarray | None, Eigenpairs]:
+    """The kernel [N, N] (None for matrix-free solvers) and its top eigenpairs, timed."""
+    ntk = cfg.ntk
+    if ntk.solver not in SOLVERS:
+        raise ValueError(f"unknown ntk.solver {ntk.solver!r}; valid choices: {', '.join(SOLVERS)}")
+    if ntk.output not in ("trace",):
+        raise ValueError(
+            f"compute_ntk eigendecomposes an [N, N] kernel: ntk.output must be 'trace' (the sum "
+            f"over logits; the scalar kernel for one logit), got {ntk.output!r}"
+        )
+    options = {"batch_size": ntk.batch_size, "seed": cfg.seed}
+    if ntk.solver in MATRIX_FREE_SOLVERS:
+        if ntk.save_kernel:
+            raise ValueError(
+                f"ntk.save_kernel=true needs the kernel, which ntk.solver={ntk.solver} never "
+                "forms; use ntk.solver=auto|dense|lanczos to save it"
+            )
+        timings["kernel_s"] = 0.0
+        tic = time.perf_counter()
+        if ntk.solver == "matrix_free":
+            pairs = matrix_free_eigenpairs(
+                apply_fn, params, x, ntk.num_eigvecs, progress=True, **options
+            )
+        else:
+            if ntk.nystrom_dims is None:
+                raise ValueError("ntk.solver=nystrom needs ntk.nystrom_dims (landmark count m)")
+            pairs = nystrom_eigenpairs(
+                apply_fn, params, x, ntk.num_eigvecs, num_landmarks=ntk.nystrom_dims, **options
+            )
+        timings["eigen_s"] = time.perf_counter() - tic
+        return None, pairs
+
+    out = None
+    if _use_out_of_core(ntk.out_of_core, len(x)):
+        out = run_dir / "kernel.npy"
+        logger.info("kernel kept on disk at %s (resumable: rerun the same command)", out)
+    tic = time.perf_counter()
+    kernel = empirical_ntk(
+        apply_fn,
+        params,
+        x,
+        output=ntk.output,
+        implementation=ntk.implementation,
+        batch_size=ntk.batch_size,
+        precision=ntk.precision,
+        storage_dtype=ntk.storage_dtype,
+        memory_bytes=ntk.memory_bytes,
+        param_chunk_size=ntk.param_chunk_size,
+        projection_dim=ntk.projection_dim,
+        projection=ntk.projection,
+        projection_seed=cfg.seed,
+        out=out,
+        progress=True,
+    )
+    timings["kernel_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    pairs = top_eigenpairs(kernel, ntk.num_eigvecs, solver=ntk.solver, seed=cfg.seed)
+    timings["eigen_s"] = time.perf_counter() - tic
+    return kernel, pairs
+
+
+def _use_out_of_core(setting: bool | str, num_samples: int) -> bool:
+    """``ntk.out_of_core``: true, false, or auto (the kernel would take > 1/4 of host RAM)."""
+    if setting == "auto":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return num_samples * num_samples * 4 > ram // 4
+    if not isinstance(setting, bool):
+        raise ValueError(f"ntk.out_of_core must be true, false or auto, got {setting!r}")
+    return setting
+
+
+def _kernel_summary(
+    kernel: np.ndarray | None, num_samples: int, timings: dict[str, float]
+) -> dict[str, object]:
+    if kernel is None:
+        return {"formed": False}
+    trace = sum(float(np.trace(kernel[i : i + 4096, i : i + 4096], dtype=np.float64))
+                for i in range(0, num_samples, 4096))  # fmt: skip
+    return {
+        "formed": True,
+        "dtype": str(kernel.dtype),
+        "on_disk": isinstance(kernel, np.memmap),
+        "entries": int(kernel.size),
+        "entries_per_s": kernel.size / max(timings["kernel_s"], 1e-9),
+        "trace": trace,
+    }
