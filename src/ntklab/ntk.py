@@ -124,7 +124,8 @@ def empirical_ntk(
       progress: show a progress bar over work units with throughput and ETA.
 
     Returns:
-      The kernel (a ``np.memmap`` when ``out`` is given).
+      The kernel (a ``np.memmap`` when ``out`` is given; on a multi-host run with ``out``, None
+      on every process but process 0, which owns the file).
 
     Raises:
       ValueError: an unknown option (the message lists the valid ones), inconsistent inputs, a
@@ -693,7 +694,9 @@ class _KernelStore:
             "inputs_sha256": _digest(engine.x1, *(() if engine.symmetric else (engine.x2,))),
             "params_sha256": _digest(*[np.asarray(leaf) for leaf in engine.leaves]),
         }
-        if self.record_path.exists() and self.path.exists():
+        if not self.is_writer:  # multi-host: process 0 owns the file; the others only compute
+            self.kernel = None
+        elif self.record_path.exists() and self.path.exists():
             record = json.loads(self.record_path.read_text())
             if record["identity"] != self.identity:
                 changed = sorted(
@@ -716,6 +719,9 @@ class _KernelStore:
                 self.path, mode="w+", dtype=storage_dtype, shape=shape
             )
             self._save_record()
+        if jax.process_count() > 1:  # every process must skip the same units
+            done = multihost_utils.broadcast_one_to_all(np.int64(self.units_done))
+            self.units_done = int(done)
 
     def _save_record(self) -> None:
         if self.record_path is None or not self.is_writer:
@@ -750,22 +756,21 @@ class _KernelStore:
                     f"kernel block rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} "
                     f"overflows storage dtype {self.storage_dtype.name}; use a wider storage_dtype"
                 )
-            if self.is_writer or self.record_path is None:
-                self.kernel[rows, cols] = stored
-                entries += values.shape[0] * values.shape[1]
-                if engine.symmetric and rows != cols:
-                    axes = (1, 0, *range(2, stored.ndim))
-                    if engine.output == "full":
-                        axes = (1, 0, 3, 2)
-                    self.kernel[cols, rows] = stored.transpose(axes)
-                    entries += values.shape[0] * values.shape[1]
+            mirrored = engine.symmetric and rows != cols
+            entries += values.shape[0] * values.shape[1] * (2 if mirrored else 1)
+            if self.kernel is None:
+                continue
+            self.kernel[rows, cols] = stored
+            if mirrored:  # K[j, i] = K[i, j]ᵀ, with the logit axes swapped for "full"
+                axes = (1, 0, 3, 2) if engine.output == "full" else (1, 0, *range(2, stored.ndim))
+                self.kernel[cols, rows] = stored.transpose(axes)
         self.units_done += 1
-        if self.record_path is not None:
-            self.kernel.flush()
+        if self.record_path is not None and self.kernel is not None:
+            self.kernel.flush()  # the blocks reach the file before the record counts them
             self._save_record()
         return entries
 
-    def finish(self) -> np.ndarray:
-        if self.record_path is not None:
+    def finish(self) -> np.ndarray | None:
+        if self.record_path is not None and self.kernel is not None:
             self.kernel.flush()
         return self.kernel
