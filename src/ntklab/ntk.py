@@ -347,7 +347,11 @@ class _Engine:
         return (*parts, self.treedef, avals, self.num_outputs, tuple(self.devices))
 
     def features_fn(self, group: list[int]) -> Callable:
-        """``fn(leaves, keys, x[B, ...]) -> [B, C, F]``: Jacobian features of one leaf group."""
+        """``fn(leaves, keys, x[B, ...])``: Jacobian features of one leaf group.
+
+        Returns a tuple with one [B, C, P_leaf] array per leaf of the group (no concatenation
+        copy), or a 1-tuple [B, C, K] with a projection.
+        """
         key = self._cache_key("features", self.apply_fn, tuple(group), self.projection_dim,
                               self.projection)  # fmt: skip
         return _cached(key, lambda: _features_fn(
@@ -360,8 +364,11 @@ class _Engine:
         keys = jax.random.split(jax.random.PRNGKey(self.projection_seed), len(self.leaves))
         return jax.device_put(keys, self.replicated)
 
-    def contract_fn(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        """``fn(rows[B1, C, F], cols[B2, C, F])`` -> the kernel block in ``output`` layout."""
+    def contract_fn(self) -> Callable:
+        """``fn(rows, cols)`` -> the kernel block in ``output`` layout, summed over leaves.
+
+        ``rows`` are features sharded over the devices, ``cols`` replicated on each.
+        """
         key = ("contract", self.output, self.precision, tuple(self.devices))
         return _cached(key, lambda: _contract_fn(self.output, self.precision, self.mesh))
 
@@ -449,14 +456,19 @@ class _Engine:
 
         keys = self.projection_keys()
 
-        def features(x: Any, rows: slice, group: int | None = None) -> jax.Array:
+        def features(x: Any, rows: slice, group: int | None = None) -> tuple[jax.Array, ...]:
             block = self.put_block(x, rows)
-            if group is not None:
-                return feature_fns[group](self.leaves, keys, block)
-            total = feature_fns[0](self.leaves, keys, block)
+            if group is not None or len(feature_fns) == 1:
+                return feature_fns[group or 0](self.leaves, keys, block)
+            (total,) = feature_fns[0](self.leaves, keys, block)
             for fn in feature_fns[1:]:  # projected features sum over parameter groups
-                total = total + fn(self.leaves, keys, block)
-            return total
+                total = total + fn(self.leaves, keys, block)[0]
+            return (total,)
+
+        def replicated(features: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            # A column block is gathered onto every device once and then contracted with each
+            # row block locally (a no-op on one device).
+            return jax.device_put(features, self.replicated)
 
         last_position = {unit.panel: position for position, unit in enumerate(units)}
         panel_features: dict[int, jax.Array] = {}
@@ -467,7 +479,7 @@ class _Engine:
             rows = self.panel_rows(unit)
             if self.chunked:
                 if position >= skip:
-                    yield unit, self._chunked_unit(unit, rows, features, contract)
+                    yield unit, self._chunked_unit(unit, rows, features, replicated, contract)
                 continue
             if unit.panel != current_panel:
                 current_panel, panel_features = unit.panel, {}
@@ -483,14 +495,22 @@ class _Engine:
             if not self.symmetric and not panel_features:
                 for i in range(unit.panel, panel_end):
                     panel_features[i] = features(self.x1, self.row_slices[i])
-            column = (
+            column = replicated(
                 panel_features[unit.column]
                 if in_panel
                 else features(self.x2, self.col_slices[unit.column])
             )
             yield unit, {i: contract(panel_features[i], column) for i in rows}
+            del column
 
-    def _chunked_unit(self, unit: _Unit, rows: list[int], features: Callable, contract: Callable):
+    def _chunked_unit(
+        self,
+        unit: _Unit,
+        rows: list[int],
+        features: Callable,
+        replicated: Callable,
+        contract: Callable,
+    ) -> dict[int, jax.Array]:
         """One unit accumulated over parameter chunks (a block's Jacobian does not fit)."""
         (row,) = rows
         total = None
@@ -500,7 +520,7 @@ class _Engine:
                 col_features = row_features
             else:
                 col_features = features(self.x2, self.col_slices[unit.column], group)
-            block = contract(row_features, col_features)
+            block = contract(row_features, replicated(col_features))
             total = block if total is None else total + block
             del row_features, col_features
         return {row: total}
@@ -559,12 +579,12 @@ def _features_fn(
         jacobians = jax.vmap(jax.jacrev(outputs), in_axes=(None, 0))(group_leaves, x)
         pieces = [jac.reshape(x.shape[0], num_outputs, -1) for jac in jacobians]
         if projection_dim is None:
-            return jnp.concatenate(pieces, axis=2)
+            return tuple(pieces)
         projected = [
             _project(piece, keys[index], projection_dim, projection)
             for piece, index in zip(pieces, group, strict=True)
         ]
-        return sum(projected[1:], projected[0])
+        return (sum(projected[1:], projected[0]),)
 
     specs = (Spec(), Spec(), Spec(_AXIS))
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=Spec(_AXIS)))
@@ -611,8 +631,7 @@ def _dot(a: jax.Array, b: jax.Array, spec: str, precision: str, platform: str) -
 def _contract_fn(output: str, precision: str, mesh: Mesh) -> Callable:
     platform = mesh.devices.flat[0].platform
 
-    def per_device(rows: jax.Array, cols: jax.Array) -> jax.Array:
-        cols = jax.lax.all_gather(cols, _AXIS, tiled=True)
+    def leaf(rows: jax.Array, cols: jax.Array) -> jax.Array:
         if output == "trace":
             b1, b2 = rows.shape[0], cols.shape[0]
             return _dot(
@@ -622,7 +641,11 @@ def _contract_fn(output: str, precision: str, mesh: Mesh) -> Callable:
             return _dot(rows, cols, "icf,jcf->ijc", precision, platform)
         return _dot(rows, cols, "icf,jdf->ijcd", precision, platform)
 
-    specs = (Spec(_AXIS), Spec(_AXIS))
+    def per_device(rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...]) -> jax.Array:
+        blocks = [leaf(r, c) for r, c in zip(rows, cols, strict=True)]
+        return sum(blocks[1:], blocks[0])
+
+    specs = (Spec(_AXIS), Spec())
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=Spec(_AXIS)))
 
 
