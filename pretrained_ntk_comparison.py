@@ -1,0 +1,21 @@
+"""Network vs. its linearization at θ0 vs. its linearization at the trained parameters.
+
+python pretrained_ntk_comparison.py                          # LeNet on the embedded digits data
+python pretrained_ntk_comparison.py model=lenet data.dataset=cifar10 label_idx=10
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ntklab.experiments import pretrained_ntk_comparison
+
+
+@hydra.main(
+    version_base="1.3", config_path="config", config_name="pretrained_ntk_comparison/config"
+)
+def main(cfg: DictConfig) -> None:
+    pretrained_ntk_comparison.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

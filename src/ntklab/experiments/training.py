@@ -1,0 +1,128 @@
+"""What the training scripts share: the run folder, the model's functions and the result files.
+
+Each training script (``train_ntk``, ``pretrained_ntk_comparison``, ``train_cifar``) writes into
+its Hydra run folder (``paths.run_dir``, by default ``${hydra:runtime.output_dir}``):
+``metrics.jsonl`` (per epoch), ``params.msgpack``, ``metrics.json`` (final metrics and the
+resolved config), figures, and ``meta.json`` last; plus a copy of ``metrics.json`` with the run
+folder's path under ``paths.summary_dir`` in ``artifacts/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from ntklab import artifacts
+from ntklab.linearize import linearize
+from ntklab.models import inference_apply_fn, train_apply_fn
+from ntklab.train import TrainConfig, eval_apply_fn
+from ntklab.types import PyTree
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def start_run(cfg: DictConfig) -> Path:
+    """Logs the config and devices and returns the run folder, created, with no stale results.
+
+    Raises:
+      ValueError: ``paths.run_dir`` is Hydra's output folder but the config was not composed by
+        ``@hydra.main`` (e.g. ``hydra.compose`` in a notebook or test): set it explicitly.
+    """
+    try:
+        run_dir = Path(cfg.paths.run_dir)
+    except InterpolationResolutionError as error:
+        raise ValueError(
+            "paths.run_dir is ${hydra:runtime.output_dir}, which exists only in a run started by "
+            "@hydra.main; set paths.run_dir=<folder> when calling run(cfg) directly"
+        ) from error
+    logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("JAX devices: %s", jax.devices())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (artifacts.META_FILE, METRICS_FILE):  # a rerun into the folder starts incomplete
+        (run_dir / name).unlink(missing_ok=True)
+    logger.info("writing to %s", run_dir.resolve())
+    return run_dir
+
+
+def train_config(cfg: DictConfig) -> TrainConfig:
+    """The ``train:`` block as a :class:`~ntklab.train.TrainConfig` (validated)."""
+    return TrainConfig.from_mapping(artifacts.to_container(cfg.train))
+
+
+def mode_name(*, linearize: bool, with_bias: bool = True) -> str:
+    """``network``, ``linear`` or ``linear_nobias``: the model a run trains."""
+    if not linearize:
+        return "network"
+    return "linear" if with_bias else "linear_nobias"
+
+
+def fit_model_kwargs(
+    model: nn.Module,
+    variables: PyTree,
+    *,
+    linearize_at: PyTree | None = None,
+    with_bias: bool = True,
+) -> dict[str, Any]:
+    """The model arguments of :func:`ntklab.train.fit` for a network or its linearization.
+
+    Args:
+      model: the Flax module.
+      variables: ``{"params": θ_start, "batch_stats": ...}`` (``batch_stats`` only with BatchNorm):
+        training starts from these parameters and statistics.
+      linearize_at: None trains the network (BatchNorm in training mode, evaluation in inference
+        mode with the state's statistics); otherwise the parameters θ* at which to linearize the
+        network, taken in inference mode with ``variables["batch_stats"]``.
+      with_bias: with ``linearize_at``, keep f(θ*, x).
+
+    Returns:
+      ``apply_fn`` or ``train_apply_fn`` + ``eval_apply_fn``, plus ``params`` and ``batch_stats``.
+    """
+    start = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    if linearize_at is None:
+        return {
+            "apply_fn": None,
+            "train_apply_fn": train_apply_fn(model),
+            "eval_apply_fn": eval_apply_fn(model),
+            **start,
+        }
+    apply_fn = inference_apply_fn(model, variables)
+    return {"apply_fn": linearize(apply_fn, linearize_at, with_bias=with_bias), **start}
+
+
+def write_results(
+    run_dir: Path,
+    *,
+    cfg: DictConfig,
+    script: str,
+    metrics: dict[str, Any],
+    meta: dict[str, Any],
+    summary_name: str,
+) -> None:
+    """Writes ``metrics.json``, the summary under ``paths.summary_dir``, then ``meta.json``.
+
+    Args:
+      run_dir: the run folder.
+      cfg: the run's config (stored resolved in both files).
+      script: the script's name.
+      metrics: final metrics (``split/metric`` keys) and other results.
+      meta: shapes, timings and other metadata for ``meta.json``.
+      summary_name: file name of the summary in ``paths.summary_dir``.
+    """
+    config = artifacts.to_container(cfg)
+    content = {"script": script, **metrics, "config": config}
+    artifacts.save_json(run_dir / METRICS_FILE, content)
+    summary = Path(cfg.paths.summary_dir) / summary_name
+    artifacts.save_json(summary, {**content, "run_dir": str(run_dir.resolve())})
+    artifacts.save_json(
+        run_dir / artifacts.META_FILE,
+        {"script": script, "config": config, **artifacts.environment_info(), **meta},
+    )
+    logger.info("done: %s (summary %s)", run_dir, summary)

@@ -1,0 +1,319 @@
+"""Collect a sweep's results into one CSV and draw the study's figures.
+
+    python -m ntklab.report multirun/train_ntk/2025-01-01/12-00-00
+    python -m ntklab.report multirun/ --out figures --metric test/acc --metric train/acc
+
+Every ``metrics.json`` below the folder (one per run, as the training scripts write them) becomes
+one row of ``report.csv``: the run's resolved config as dotted keys (``label_idx``,
+``data.num_train``, ``train.max_lr``, ...), its metrics (``test/acc``, ``train/acc``,
+``param_distance_sq``, ...; the comparison's as ``runs.<run>.test/acc``) and ``run_dir``.
+
+Figures: rows are grouped by script, dataset, model and every other config key that differs
+between runs, except the swept x key, ``seed`` and the series key. The x key is the first of
+``X_KEYS`` that varies in the group (else the first present): ``nad_idx`` for NAD sweeps,
+``label_idx`` for eigenfunction sweeps, ``data.num_train`` for CIFAR-2. One line per series: the model trained (``mode``: network,
+linear, linear_nobias) or, for the comparison, each of its runs. Each point is the mean over the
+runs at that x (seeds), with a band of ± one standard deviation. The figures are
+``{script}-{dataset}-{model}[-{key}={value}...]-{metric}-vs-{x key}.png`` and ``.pdf``, next to
+``report.csv`` and ``report_summary.csv`` (the plotted means, deviations and counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ntklab import artifacts
+from ntklab.plots import sweep_figure
+
+logger = logging.getLogger(__name__)
+
+X_KEYS = ("nad_idx", "label_idx", "data.num_train")
+"""Swept keys that can be a figure's x axis, in order of preference."""
+
+GROUP_KEYS = ("script", "data.dataset", "model.name")
+"""Keys that always separate figures."""
+
+IGNORED_KEYS = ("seed", "progress", "overwrite", "linearize", "with_bias", "mode")
+"""Config keys that never separate figures (repeats, or the series itself)."""
+
+IGNORED_PREFIXES = ("paths.", "hydra.")
+
+FIRST_COLUMNS = ("script", "run_dir", *X_KEYS, "mode", "seed", "test/acc", "train/acc")
+
+
+def collect(folder: str | Path) -> list[dict[str, Any]]:
+    """Reads every ``metrics.json`` below ``folder`` into flat rows.
+
+    Args:
+      folder: a multirun folder (or any folder holding run folders).
+
+    Returns:
+      One dict per run: dotted config keys, metric keys, ``run_dir`` (relative to ``folder``)
+      and the private ``_config_keys`` (the set of keys that came from the config).
+
+    Raises:
+      FileNotFoundError: no ``metrics.json`` below ``folder``.
+    """
+    folder = Path(folder)
+    paths = sorted(
+        path
+        for path in folder.rglob("metrics.json")
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    if not paths:
+        raise FileNotFoundError(
+            f"no metrics.json below {folder}: expected run folders written by train_ntk.py, "
+            "train_cifar.py or pretrained_ntk_comparison.py (e.g. a multirun folder)"
+        )
+    rows = []
+    for path in paths:
+        content = artifacts.load_json(path)
+        config = _flatten(content.pop("config", {}))
+        row = {**config, **_flatten(content)}
+        row["run_dir"] = str(path.parent.relative_to(folder)) or "."
+        row["_config_keys"] = set(config)
+        rows.append(row)
+    return rows
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    if isinstance(tree, list):
+        return {prefix[:-1]: json.dumps(tree)}
+    return {prefix[:-1]: tree}
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Writes the rows as CSV, the most useful columns first, the rest sorted."""
+    columns = sorted({key for row in rows for key in row if not key.startswith("_")})
+    columns = [c for c in FIRST_COLUMNS if c in columns] + [
+        c for c in columns if c not in FIRST_COLUMNS
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with artifacts.atomic_path(path) as temp:
+        temp.write_text(buffer.getvalue())
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]], metric: str
+) -> list[tuple[dict[str, Any], str, dict[str, tuple[np.ndarray, ...]]]]:
+    """Groups rows into figures and aggregates ``metric`` over repeats.
+
+    Args:
+      rows: rows from :func:`collect`.
+      metric: a metric key such as ``test/acc``.
+
+    Returns:
+      ``(group, x_key, curves)`` per figure: the values that define the group, the x key, and
+      ``series -> (x [m], mean [m], std [m], count [m])``. Groups without the metric or without
+      any of ``X_KEYS`` are left out.
+    """
+    figures = []
+    for group, x_key, members in _groups(rows):
+        points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for row in members:
+            if row.get(x_key) is None:
+                continue
+            for series, value in _series_values(row, metric):
+                points[series][float(row[x_key])].append(value)
+        if not points:
+            continue
+        curves = {}
+        for series in sorted(points):
+            xs = np.array(sorted(points[series]))
+            values = [points[series][x] for x in xs]
+            curves[series] = (
+                xs,
+                np.array([np.mean(v) for v in values]),
+                np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]),
+                np.array([len(v) for v in values]),
+            )
+        figures.append((group, x_key, curves))
+    return figures
+
+
+def _groups(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], str, list[dict]]]:
+    """``(group, x_key, rows)`` per figure.
+
+    Rows are split by ``GROUP_KEYS``; within each part the x key is the first of ``X_KEYS`` that
+    varies (else the first present), and every other varying config key splits it further.
+    """
+    parts: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        parts[tuple(row.get(key) for key in GROUP_KEYS)].append(row)
+    groups = []
+    for values, members in parts.items():
+        present = [key for key in X_KEYS if any(key in row for row in members)]
+        if not present:
+            continue
+        varying = [key for key in present if _num_distinct(members, key) > 1]
+        x_key = (varying or present)[0]
+        config_keys = set().union(*(row["_config_keys"] for row in members))
+        split_keys = sorted(
+            key
+            for key in config_keys
+            if any(row.get(key) != row.get(x_key) for row in members)  # not x under another name
+            and key not in IGNORED_KEYS
+            and key not in GROUP_KEYS
+            and not key.startswith(IGNORED_PREFIXES)
+            and _num_distinct(members, key) > 1
+        )
+        subgroups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for row in members:
+            subgroups[tuple(row.get(key) for key in split_keys)].append(row)
+        for split_values, subgroup in subgroups.items():
+            group = dict(zip(GROUP_KEYS, values, strict=True))
+            group.update(zip(split_keys, split_values, strict=True))
+            groups.append((group, x_key, subgroup))
+    return groups
+
+
+def _num_distinct(rows: Sequence[dict[str, Any]], key: str) -> int:
+    return len({json.dumps(row.get(key), sort_keys=True, default=str) for row in rows})
+
+
+def _series_values(row: dict[str, Any], metric: str) -> Iterable[tuple[str, float]]:
+    """(series name, value) pairs of one row: its runs for the comparison, else its mode."""
+    pattern = re.compile(rf"^runs\.([^.]+)\.{re.escape(metric)}$")
+    runs = [(m.group(1), row[key]) for key in row if (m := pattern.match(key))]
+    if runs:
+        yield from ((name, float(value)) for name, value in runs if _finite(value))
+        return
+    if not _finite(row.get(metric)):
+        return
+    if "mode" in row:
+        series = str(row["mode"])
+    elif "linearize" in row:
+        series = "linear" if row["linearize"] else "network"
+    else:
+        series = "runs"
+    yield series, float(row[metric])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _xscale(x_key: str, curves: dict[str, tuple[np.ndarray, ...]]) -> str:
+    """``log`` for sample counts, ``symlog`` for indices spanning two decades, else ``linear``."""
+    if x_key == "data.num_train":
+        return "log"
+    largest = max(float(np.max(xs)) for xs, *_ in curves.values())
+    return "symlog" if largest >= 100 else "linear"
+
+
+def _figure_name(group: dict[str, Any], metric: str, x_key: str) -> str:
+    parts = [str(group[key]) for key in GROUP_KEYS if group.get(key) is not None]
+    parts += [f"{key}={value}" for key, value in group.items() if key not in GROUP_KEYS]
+    name = "-".join([*parts, metric, "vs", x_key])
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def report(
+    folder: str | Path, *, out: str | Path | None = None, metrics: Sequence[str] = ("test/acc",)
+) -> list[Path]:
+    """Writes ``report.csv``, ``report_summary.csv`` and the figures of a sweep.
+
+    Args:
+      folder: the multirun folder.
+      out: where to write (default: ``folder``).
+      metrics: metric keys to plot, one figure per group and metric.
+
+    Returns:
+      The files written.
+
+    Raises:
+      FileNotFoundError: no ``metrics.json`` below ``folder``.
+    """
+    out = Path(folder if out is None else out)
+    rows = collect(folder)
+    written = [out / "report.csv", out / "report_summary.csv"]
+    write_csv(rows, written[0])
+    summary_rows = []
+    for metric in metrics:
+        for group, x_key, curves in summarize(rows, metric):
+            title = ", ".join(f"{key}={value}" for key, value in group.items())
+            figure = sweep_figure(
+                curves,
+                xlabel=x_key,
+                ylabel=metric,
+                title=title,
+                xscale=_xscale(x_key, curves),
+            )
+            stem = _figure_name(group, metric, x_key)
+            for suffix in ("png", "pdf"):
+                artifacts.save_figure(figure, out / f"{stem}.{suffix}")
+                written.append(out / f"{stem}.{suffix}")
+            for series, (xs, means, stds, counts) in curves.items():
+                for x, mean, std, count in zip(xs, means, stds, counts, strict=True):
+                    summary_rows.append(
+                        {
+                            **{k: v for k, v in group.items()},
+                            "metric": metric,
+                            "series": series,
+                            "x_key": x_key,
+                            "x": x,
+                            "mean": mean,
+                            "std": std,
+                            "count": count,
+                        }
+                    )
+    for row in summary_rows:
+        row["_config_keys"] = set()
+    write_csv(summary_rows, written[1])
+    _print_table(summary_rows)
+    return written
+
+
+def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        print("no figure: no run has a swept key among " + ", ".join(X_KEYS))
+        return
+    print(f"{'figure':<40} {'series':<18} {'x':>10} {'mean':>8} {'std':>8} {'n':>4}")
+    for row in rows:
+        figure = f"{row.get('script')}/{row.get('model.name')}/{row['metric']}"
+        print(
+            f"{figure:<40} {row['series']:<18} {row['x']:>10g} {row['mean']:>8.4f} "
+            f"{row['std']:>8.4f} {row['count']:>4d}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m ntklab.report FOLDER [--out DIR] [--metric KEY ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ntklab.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("folder", type=Path, help="multirun folder holding run folders")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: FOLDER)")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        dest="metrics",
+        help="metric key to plot, repeatable (default: test/acc)",
+    )
+    args = parser.parse_args(argv)
+    written = report(args.folder, out=args.out, metrics=args.metrics or ["test/acc"])
+    print(f"wrote {len(written)} files to {written[0].parent}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Train a network or its linearization on CIFAR-2 (classes 0-4 vs 5-9) with its real labels.
+
+python train_cifar.py data.root=data data.num_train=1000 linearize=true
+python train_cifar.py -m data.num_train=100,1000,10000 linearize=true,false seed=0,1,2
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ntklab.experiments import train_cifar
+
+
+@hydra.main(version_base="1.3", config_path="config", config_name="train_cifar/config")
+def main(cfg: DictConfig) -> None:
+    train_cifar.run(cfg)
+
+
+if __name__ == "__main__":
+    main()
