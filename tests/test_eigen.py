@@ -1,11 +1,23 @@
-"""top_eigenpairs against numpy.linalg.eigh."""
+"""Eigenpairs (dense, Lanczos, matrix-free, Nyström) against numpy.linalg.eigh."""
 
 from __future__ import annotations
 
+import itertools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntklab.eigen import max_relative_residual, top_eigenpairs
+from ntklab._kernel_operator import METHODS, NtkOperator
+from ntklab.eigen import (
+    matrix_free_eigenpairs,
+    max_relative_residual,
+    nystrom_eigenpairs,
+    top_eigenpairs,
+)
+from ntklab.models import build_model, inference_apply_fn, init_variables
+from ntklab.ntk import empirical_ntk
 
 
 def psd_matrix(n: int, *, seed: int = 0, dtype=np.float64) -> np.ndarray:
@@ -72,3 +84,276 @@ def test_errors_name_the_bad_value():
         top_eigenpairs(kernel, 2, solver="qr")
     with pytest.raises(ValueError, match=r"square \[N, N\]"):
         top_eigenpairs(kernel[:5], 2)
+
+
+# Matrix-free and Nyström eigenpairs of a real network's eNTK, against numpy.linalg.eigh of the
+# explicit kernel from ntklab.ntk.empirical_ntk (itself tested against brute-force jax.jacrev).
+
+NETWORKS = {"mlp": ({"widths": (16, 8)}, (6, 6, 2)), "lenet": ({}, (8, 8, 3))}
+NUM_EXAMPLES = 64
+NUM_EIGVECS = 6
+OVERSAMPLING = 4  # blocks of 10 vectors, which the operator test also uses (one compile)
+
+
+@pytest.fixture(scope="module")
+def networks():
+    """name -> (apply_fn, float32 params, example shape); built once so that compiled operator
+    blocks are shared between tests (the apply_fn is a static jit argument)."""
+    built = {}
+    for name, (kwargs, shape) in NETWORKS.items():
+        model = build_model(name, activation="gelu", **kwargs)
+        variables = init_variables(model, jax.random.PRNGKey(0), shape)
+        built[name] = (inference_apply_fn(model, variables), variables["params"], shape)
+    return built
+
+
+@pytest.fixture(scope="module")
+def problems(networks):
+    """Returns ``problem(name, n, dtype, duplicates=0)`` -> (apply_fn, params, x, kernel, values,
+    vectors): inputs [n, ...] (the last ``duplicates`` repeat earlier rows), the explicit kernel
+    [n, n] and its full eigendecomposition by numpy, descending. Results are cached."""
+    cache = {}
+
+    def problem(name, n=NUM_EXAMPLES, dtype=np.float64, duplicates=0):
+        key = (name, n, np.dtype(dtype).name, duplicates)
+        if key not in cache:
+            apply_fn, params, shape = networks[name]
+            params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+            x = np.random.default_rng(n).standard_normal((n, *shape)).astype(dtype)
+            x[n - duplicates :] = x[:duplicates]
+            kernel = empirical_ntk(apply_fn, params, x, batch_size=32).astype(np.float64)
+            values, vectors = np.linalg.eigh(kernel)
+            cache[key] = (apply_fn, params, x, kernel, values[::-1], vectors[:, ::-1])
+        return cache[key]
+
+    return problem
+
+
+def assert_top_subspaces_match(vectors, reference_values, reference_vectors, *, atol):
+    """‖P_j − P_j^ref‖₂ <= atol for every top-j group (j <= k) ending at a clear spectral gap, so
+    near-degenerate eigenvalues (whose individual vectors are ill-defined) cannot fail it."""
+    k = vectors.shape[1]
+    gaps = (reference_values[:k] - reference_values[1 : k + 1]) / reference_values[0]
+    checked = [j + 1 for j in range(k) if gaps[j] > 1e-3]
+    assert checked, "no spectral gap to compare subspaces at"
+    for j in checked:
+        ours = vectors[:, :j] @ vectors[:, :j].T
+        reference = reference_vectors[:, :j] @ reference_vectors[:, :j].T
+        assert np.linalg.norm(ours - reference, 2) < atol, f"top-{j} subspaces differ"
+
+
+@pytest.mark.parametrize("implementation", ["products", "jacobian"])
+@pytest.mark.parametrize("name", ["mlp", "lenet"])
+def test_operator_matches_explicit_kernel(name, implementation, problems, float64):
+    apply_fn, params, x, kernel, _, _ = problems(name)
+    # 64 examples in blocks of 24 (last block padded); 13 vectors in passes of 10 (last padded).
+    operator = NtkOperator(
+        apply_fn,
+        params,
+        x,
+        batch_size=24,
+        width=NUM_EIGVECS + OVERSAMPLING,
+        implementation=implementation,
+    )
+    assert operator.implementation == implementation
+    vectors = np.random.default_rng(0).standard_normal((NUM_EXAMPLES, 13))
+    expected = kernel @ vectors
+    np.testing.assert_allclose(
+        operator.matmat(vectors), expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max()
+    )
+    np.testing.assert_allclose(operator.matmat(vectors[:, 0]), expected[:, 0], rtol=1e-10)
+    assert operator.num_passes == 2 * 2 + 2
+
+
+def test_operator_splits_wide_blocks_to_fit_the_workspace(problems, float64):
+    apply_fn, params, x, kernel, _, _ = problems("mlp")
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    # Half for 2 vectors' accumulators (2 x [2, P]), half for a Jacobian of 4 examples [4, P].
+    workspace = 8 * num_params * 8
+    operator = NtkOperator(
+        apply_fn, params, x, width=8, implementation="auto", workspace_bytes=workspace
+    )
+    assert (operator.width, operator.batch_size, operator.implementation) == (2, 64, "products")
+    operator = NtkOperator(
+        apply_fn, params, x, width=8, implementation="jacobian", workspace_bytes=workspace
+    )
+    assert (operator.width, operator.batch_size) == (2, 4)
+    vectors = np.random.default_rng(1).standard_normal((NUM_EXAMPLES, 5))
+    np.testing.assert_allclose(operator.matmat(vectors), kernel @ vectors, rtol=1e-10, atol=1e-10)
+    assert operator.num_passes == 2 * 3
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [("mlp", "block_krylov"), ("mlp", "lobpcg"), ("mlp", "lanczos"), ("lenet", "block_krylov")],
+)
+def test_matrix_free_matches_dense_eigh(name, method, problems, float64):
+    apply_fn, params, x, kernel, values, vectors = problems(name)
+    k = NUM_EIGVECS
+    pairs = matrix_free_eigenpairs(
+        apply_fn, params, x, k, batch_size=24, method=method, oversampling=OVERSAMPLING
+    )
+    assert pairs.solver == f"matrix_free:{method}"
+    assert pairs.values.shape == (k,) and pairs.vectors.shape == (NUM_EXAMPLES, k)
+    np.testing.assert_allclose(pairs.values, values[:k], rtol=1e-6)
+    assert np.all(np.diff(pairs.values) <= 0)
+    np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(k), atol=1e-10)
+    assert_top_subspaces_match(pairs.vectors, values, vectors, atol=1e-6)
+    peaks = pairs.vectors[np.argmax(np.abs(pairs.vectors), axis=0), np.arange(k)]
+    assert np.all(peaks > 0)
+    # The reported residual is the true one (checked with the explicit kernel) and small.
+    dense_residual = max_relative_residual(kernel, pairs.values, pairs.vectors)
+    np.testing.assert_allclose(pairs.max_residual, dense_residual, rtol=1e-4, atol=1e-13)
+    assert pairs.max_residual < 1e-9
+
+
+def test_matrix_free_float32_reaches_default_tol(problems):
+    apply_fn, params, x, _, _, _ = problems("mlp", dtype=np.float32)
+    _, _, _, kernel, values, vectors = problems("mlp")  # float64 reference, same inputs
+    pairs = matrix_free_eigenpairs(apply_fn, params, x, NUM_EIGVECS, oversampling=OVERSAMPLING)
+    np.testing.assert_allclose(pairs.values, values[:NUM_EIGVECS], rtol=1e-4, atol=1e-5 * values[0])
+    assert pairs.max_residual < 1.2e-5
+    assert max_relative_residual(kernel, pairs.values, pairs.vectors) < 1e-4
+    assert abs(pairs.vectors[:, 0] @ vectors[:, 0]) > 1 - 1e-6  # well separated top vector
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [("block_krylov", "block Krylov stopped after num_iterations=1"), ("lobpcg", "LOBPCG stopped")],
+)
+def test_iteration_cap_reports_the_true_residual(method, message, problems, float64, caplog):
+    apply_fn, params, x, kernel, _, _ = problems("mlp")
+    pairs = matrix_free_eigenpairs(
+        apply_fn, params, x, NUM_EIGVECS, method=method, oversampling=OVERSAMPLING, num_iterations=1
+    )
+    assert message in caplog.text
+    dense_residual = max_relative_residual(kernel, pairs.values, pairs.vectors)
+    np.testing.assert_allclose(pairs.max_residual, dense_residual, rtol=1e-6)
+    assert pairs.max_residual > 1e-3
+
+
+def test_matrix_free_rank_deficient_kernel(problems, float64):
+    # 8 repeated examples: K has rank <= 12 < N = 20, so the Krylov basis runs out of new
+    # directions before it spans all of R^N and must continue with random ones.
+    apply_fn, params, x, _, values, vectors = problems("mlp", n=20, duplicates=8)
+    pairs = matrix_free_eigenpairs(apply_fn, params, x, 5, oversampling=10, batch_size=8)
+    np.testing.assert_allclose(pairs.values, values[:5], rtol=1e-8)
+    assert_top_subspaces_match(pairs.vectors, values, vectors, atol=1e-6)
+    np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(5), atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["block_krylov", "lobpcg", "lanczos"])
+def test_solvers_on_an_exactly_degenerate_spectrum(method):
+    # Top eigenvalue 5 with multiplicity 3, then a decaying tail: any orthonormal basis of the
+    # cluster is correct, so compare the cluster's projector, and a k = 2 request must return
+    # two vectors inside the cluster.
+    n = 120
+    basis, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((n, n)))
+    spectrum = np.concatenate([[5.0, 5.0, 5.0], 2.0 * 0.9 ** np.arange(n - 3)])
+    kernel = (basis * spectrum) @ basis.T
+    cluster = basis[:, :3] @ basis[:, :3].T
+    for k in (2, 3, 5):
+        values, vectors = METHODS[method](
+            lambda v: kernel @ v,
+            n,
+            k,
+            block=k + 4,
+            num_iterations=200,
+            tol=1e-11,
+            rng=np.random.default_rng(0),
+            report=lambda residual: None,
+        )
+        order = np.argsort(values)[::-1]
+        values, vectors = values[order], vectors[:, order]
+        np.testing.assert_allclose(values, spectrum[:k], rtol=1e-9)
+        top = vectors[:, : min(k, 3)]
+        np.testing.assert_allclose(cluster @ top, top, atol=1e-8)
+        if k >= 3:
+            assert np.linalg.norm(top @ top.T - cluster, 2) < 1e-8
+
+
+def test_nystrom_with_all_landmarks_is_exact(problems, float64):
+    # Repeated examples make K_mm singular, exercising the pseudo-inverse cutoff.
+    apply_fn, params, x, _, values, vectors = problems("mlp", n=40, duplicates=5)
+    pairs = nystrom_eigenpairs(apply_fn, params, x, NUM_EIGVECS, num_landmarks=40, batch_size=16)
+    assert pairs.solver == "nystrom"
+    np.testing.assert_allclose(pairs.values, values[:NUM_EIGVECS], rtol=1e-9)
+    assert_top_subspaces_match(pairs.vectors, values, vectors, atol=1e-7)
+    np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(NUM_EIGVECS), atol=1e-10)
+    assert pairs.max_residual < 1e-9
+
+
+def test_nystrom_error_shrinks_with_landmarks(problems, float64):
+    apply_fn, params, x, kernel, values, _ = problems("mlp")
+    errors, residuals = [], []
+    for num_landmarks in (8, 32, 64):
+        pairs = nystrom_eigenpairs(
+            apply_fn, params, x, NUM_EIGVECS, num_landmarks=num_landmarks, seed=1
+        )
+        # Nyström never overestimates (K̃ <= K), and one seed's landmark sets are nested.
+        assert np.all(pairs.values <= values[:NUM_EIGVECS] * (1 + 1e-10))
+        errors.append(np.max(values[:NUM_EIGVECS] - pairs.values) / values[0])
+        residuals.append(pairs.max_residual)
+        # The residual is measured against the true kernel.
+        dense_residual = max_relative_residual(kernel, pairs.values, pairs.vectors)
+        np.testing.assert_allclose(pairs.max_residual, dense_residual, rtol=1e-6, atol=1e-13)
+    assert errors[0] > 1e-2 and residuals[0] > 1e-2  # few landmarks: a visibly rough answer
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors))
+    assert errors[-1] < 1e-12 and residuals[-1] < 1e-10
+
+
+def test_matrix_free_bad_arguments(networks):
+    apply_fn, params, shape = networks["mlp"]
+    x = np.zeros((10, *shape), np.float32)
+    with pytest.raises(
+        ValueError, match="unknown matrix-free method 'qr'; valid choices: block_krylov, lobpcg"
+    ):
+        matrix_free_eigenpairs(apply_fn, params, x, 2, method="qr")
+    with pytest.raises(ValueError, match="num_eigvecs=11 must be between 1 and N=10"):
+        matrix_free_eigenpairs(apply_fn, params, x, 11)
+    with pytest.raises(ValueError, match="num_eigvecs=0 must be between"):
+        matrix_free_eigenpairs(apply_fn, params, x, 0)
+    with pytest.raises(ValueError, match="'lanczos' needs num_eigvecs < N - 1; got num_eigvecs=9"):
+        matrix_free_eigenpairs(apply_fn, params, x, 9, method="lanczos")
+    with pytest.raises(
+        ValueError, match="unknown implementation 'fast'; valid choices: auto, products, jacobian"
+    ):
+        matrix_free_eigenpairs(apply_fn, params, x, 2, implementation="fast")
+    with pytest.raises(ValueError, match="oversampling must be a non-negative integer, got -1"):
+        matrix_free_eigenpairs(apply_fn, params, x, 2, oversampling=-1)
+    with pytest.raises(ValueError, match="num_iterations must be a positive integer, got 0"):
+        matrix_free_eigenpairs(apply_fn, params, x, 2, num_iterations=0)
+    with pytest.raises(ValueError, match=r"tol must be positive, got 0\.0"):
+        matrix_free_eigenpairs(apply_fn, params, x, 2, tol=0.0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        matrix_free_eigenpairs(apply_fn, params, x, 2, batch_size=0)
+    model = build_model("mlp", widths=(4,), num_outputs=3)
+    variables = init_variables(model, jax.random.PRNGKey(0), shape)
+    with pytest.raises(ValueError, match=r"scalar-output .* got output shape \(1, 3\)"):
+        matrix_free_eigenpairs(inference_apply_fn(model, variables), variables["params"], x, 2)
+
+
+def test_non_finite_examples_are_named(problems, float64):
+    apply_fn, params, x, _, _, _ = problems("mlp")
+    x = x.copy()
+    x[30, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite for examples 24:48"):
+        matrix_free_eigenpairs(
+            apply_fn, params, x, NUM_EIGVECS, oversampling=OVERSAMPLING, batch_size=24
+        )
+
+
+def test_nystrom_bad_arguments(networks):
+    apply_fn, params, shape = networks["mlp"]
+    x = np.zeros((10, *shape), np.float32)
+    with pytest.raises(
+        ValueError, match="num_landmarks=3 must be an integer between num_eigvecs=4"
+    ):
+        nystrom_eigenpairs(apply_fn, params, x, 4, num_landmarks=3)
+    with pytest.raises(ValueError, match=r"num_landmarks=11 must be .* and N=10"):
+        nystrom_eigenpairs(apply_fn, params, x, 4, num_landmarks=11)
+    with pytest.raises(ValueError, match="num_eigvecs=12 must be between 1 and N=10"):
+        nystrom_eigenpairs(apply_fn, params, x, 12, num_landmarks=10)
+    # All examples equal: K_mm has rank 1, too low for 2 eigenpairs.
+    with pytest.raises(ValueError, match="numerical rank 1 < num_eigvecs=2"):
+        nystrom_eigenpairs(apply_fn, params, x + 1.0, 2, num_landmarks=5)
