@@ -52,12 +52,13 @@ def as_float64(tree):
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
 
+@pytest.mark.parametrize("implementation", ["jacobian", "structured"])
 @pytest.mark.parametrize("name", ["mlp", "lenet", "resnet18"])
-def test_symmetric_kernel_equals_brute_force(name, float64):
+def test_symmetric_kernel_equals_brute_force(name, implementation, float64):
     apply_fn, params, shape = network(name)
     params = as_float64(params)
     x = np.random.default_rng(0).standard_normal((7, *shape))
-    kernel = empirical_ntk(apply_fn, params, x, batch_size=3)
+    kernel = empirical_ntk(apply_fn, params, x, batch_size=3, implementation=implementation)
     expected = brute_force_ntk(apply_fn, params, x, x)
     assert kernel.shape == (7, 7)
     assert kernel.dtype == np.float64
@@ -170,7 +171,7 @@ REDUCE = {
 }
 
 
-@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vector_products"])
+@pytest.mark.parametrize("implementation", ["jacobian", "structured", "ntk_vector_products"])
 @pytest.mark.parametrize("output", ["full", "trace", "diagonal"])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_every_output_mode_and_implementation_equals_brute_force(
@@ -198,6 +199,41 @@ def test_products_equal_contraction_on_a_cnn(float64):
     np.testing.assert_allclose(products, contraction, rtol=1e-10, atol=1e-12)
 
 
+def test_structured_factors_exactly_the_dense_layers():
+    import ntklab.ntk as engine
+
+    apply_fn, params, shape = network("lenet")
+    leaves = jax.tree.leaves(params)
+    layers = engine._find_dense_layers(apply_fn, jax.tree.structure(params), leaves, shape)
+    # LeNet's three Dense layers (120, 84, 1 units), each with its kernel and bias leaf.
+    assert [(layer.d_in, layer.d_out) for layer in layers] == [(64, 120), (120, 84), (84, 1)]
+    for layer in layers:
+        assert leaves[layer.kernel].shape == (layer.d_in, layer.d_out)
+        assert leaves[layer.bias].shape == (layer.d_out,)
+
+
+def test_structured_with_a_shared_dense_layer_is_not_factored(float64):
+    import flax.linen as nn
+
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.Dense(4)
+            h = x.reshape(x.shape[0], -1)[:, :4]
+            return nn.Dense(1)(jnp.tanh(dense(jnp.tanh(dense(h)))))
+
+    model = Shared()
+    x = np.random.default_rng(3).standard_normal((5, 2, 2, 1))
+    params = as_float64(model.init(jax.random.PRNGKey(0), x)["params"])
+
+    def apply_fn(p, inputs):
+        return model.apply({"params": p}, inputs)
+
+    kernel = empirical_ntk(apply_fn, params, x, implementation="structured")
+    expected = brute_force_ntk(apply_fn, params, x, x)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_auto_follows_the_cost_model():
     import ntklab.ntk as engine
 
@@ -208,8 +244,11 @@ def test_auto_follows_the_cost_model():
         precision="float32", memory_bytes=None, param_chunk_size=None, projection_dim=None,
         projection="rademacher", projection_seed=0, devices=jax.devices(),
     )  # fmt: skip
-    # A forward pass costs at least 2 FLOPs per parameter, so for one output contraction wins.
+    # A forward pass costs at least 2 FLOPs per parameter, so for one output contraction beats
+    # NTK-vector products; LeNet's Dense layers hold most parameters, so factoring them wins.
     assert instance._forward_flops() >= 2 * instance.num_params
+    assert instance.cheaper_implementation() == "structured"
+    instance.projection_dim = 8
     assert instance.cheaper_implementation() == "jacobian"
 
 

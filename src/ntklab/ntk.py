@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,12 +60,12 @@ from ntklab.types import ApplyFn, PyTree
 logger = logging.getLogger(__name__)
 
 Output = Literal["trace", "full", "diagonal"]
-Implementation = Literal["auto", "jacobian", "ntk_vector_products"]
+Implementation = Literal["auto", "jacobian", "structured", "ntk_vector_products"]
 Precision = Literal["float32", "tf32", "bfloat16"]
 Projection = Literal["rademacher", "gaussian"]
 
 OUTPUTS: tuple[str, ...] = ("trace", "full", "diagonal")
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "jacobian", "ntk_vector_products")
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "jacobian", "structured", "ntk_vector_products")
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16")
 PROJECTIONS: tuple[str, ...] = ("rademacher", "gaussian")
 STORAGE_DTYPES: tuple[str, ...] = ("float16", "float32", "float64")
@@ -166,8 +167,10 @@ def empirical_ntk(
     )
     if implementation == "auto":
         implementation = engine.cheaper_implementation()
-    if implementation == "ntk_vector_products" and projection_dim is not None:
+    if implementation != "jacobian" and projection_dim is not None:
         raise ValueError("projection_dim needs implementation='jacobian' (or 'auto')")
+    if implementation == "structured":
+        engine.use_structure()
     return engine.run(
         implementation,
         storage_dtype=np.dtype(storage_dtype) if storage_dtype else engine.accumulate_dtype,
@@ -272,7 +275,25 @@ class _Engine:
         block_bytes = per_device_block * self.num_outputs * feature_dim * itemsize
         self.panel_blocks = 1 if self.chunked else max(1, budget // max(block_bytes, 1) - 1)
         self.panel_blocks = min(self.panel_blocks, len(self.row_slices))
+        self.dense: tuple[_DenseLayer, ...] = ()  # factored layers (implementation="structured")
         self.leaves = [jax.device_put(leaf, self.replicated) for leaf in self.leaves]
+
+    def dense_layers(self) -> tuple[_DenseLayer, ...]:
+        """Dense layers whose kernel can be factored (empty when chunking or projecting)."""
+        if self.chunked or self.projection_dim is not None:
+            return ()
+        return _find_dense_layers(self.apply_fn, self.treedef, self.leaves, self.x1.shape[1:])
+
+    def use_structure(self) -> None:
+        """Switches to factored Dense layers: their leaves leave the Jacobian features."""
+        if self.chunked or self.projection_dim is not None:
+            raise ValueError(
+                "implementation='structured' cannot be combined with parameter chunking or "
+                "projection_dim; use implementation='jacobian'"
+            )
+        self.dense = self.dense_layers()
+        factored = {i for layer in self.dense for i in layer.leaf_indices}
+        self.param_groups = [[i for i in range(len(self.leaves)) if i not in factored]]
 
     # ----------------------------------------------------------------------------------- layout
 
@@ -312,20 +333,29 @@ class _Engine:
         return {"trace": (n1, n2), "diagonal": (n1, n2, c), "full": (n1, n2, c, c)}[self.output]
 
     def cheaper_implementation(self) -> str:
-        """The issue's cost model: Jacobian contraction vs NTK-vector products, in FLOPs."""
+        """The cost model in FLOPs: contraction N·C·[FP] + pairs·C·P (C²·P for ``full``),
+        NTK-vector products pairs·C·[FP], structured as contraction with each factored Dense
+        layer's d_in·d_out parameters replaced by d_in + C·d_out."""
         if self.projection_dim is not None:
             return "jacobian"
         forward = self._forward_flops()
         n1, n2, c, p = len(self.x1), len(self.x2), self.num_outputs, self.num_params
         pairs = n1 * n2 / (2 if self.symmetric else 1)
-        contraction = (n1 + (0 if self.symmetric else n2)) * c * forward
-        contraction += pairs * p * (c * c if self.output == "full" else c)
-        products = pairs * c * forward
-        choice = "jacobian" if contraction <= products else "ntk_vector_products"
+        per_param = c * c if self.output == "full" else c
+        jacobians = (n1 + (0 if self.symmetric else n2)) * c * forward
+        costs = {
+            "jacobian": jacobians + pairs * p * per_param,
+            "ntk_vector_products": pairs * c * forward,
+        }
+        dense = self.dense_layers()
+        if dense:
+            factored = sum(layer.num_params for layer in dense)
+            factors = sum(layer.d_in + c * layer.d_out for layer in dense)
+            costs["structured"] = jacobians + pairs * ((p - factored) * per_param + factors)
+        choice = min(costs, key=costs.get)
         logger.info(
-            "eNTK cost model: contraction %.3g FLOPs, NTK-vector products %.3g FLOPs -> %s",
-            contraction,
-            products,
+            "eNTK cost model (FLOPs): %s -> %s",
+            ", ".join(f"{name} {cost:.3g}" for name, cost in costs.items()),
             choice,
         )
         return choice
@@ -350,13 +380,16 @@ class _Engine:
         """``fn(leaves, keys, x[B, ...])``: Jacobian features of one leaf group.
 
         Returns a tuple with one [B, C, P_leaf] array per leaf of the group (no concatenation
-        copy), or a 1-tuple [B, C, K] with a projection.
+        copy), or a 1-tuple [B, C, K] with a projection; then, per factored Dense layer, its
+        inputs [B, d_in] and output sensitivities [B, C, d_out].
         """
-        key = self._cache_key("features", self.apply_fn, tuple(group), self.projection_dim,
-                              self.projection)  # fmt: skip
+        key = self._cache_key(
+            "features", self.apply_fn, tuple(group), self.projection_dim, self.projection,
+            self.dense,
+        )  # fmt: skip
         return _cached(key, lambda: _features_fn(
             self.apply_fn, self.treedef, tuple(group), self.num_outputs, self.projection_dim,
-            self.projection, self.mesh,
+            self.projection, self.mesh, self.dense,
         ))  # fmt: skip
 
     def projection_keys(self) -> jax.Array:
@@ -369,8 +402,12 @@ class _Engine:
 
         ``rows`` are features sharded over the devices, ``cols`` replicated on each.
         """
-        key = ("contract", self.output, self.precision, tuple(self.devices))
-        return _cached(key, lambda: _contract_fn(self.output, self.precision, self.mesh))
+        num_plain = len(self.param_groups[0]) if self.dense else None
+        biases = tuple(layer.bias is not None for layer in self.dense)
+        key = ("contract", self.output, self.precision, tuple(self.devices), num_plain, biases)
+        return _cached(
+            key, lambda: _contract_fn(self.output, self.precision, self.mesh, num_plain, biases)
+        )
 
     def products_fn(self) -> Callable[[list[jax.Array], jax.Array, jax.Array], jax.Array]:
         """``fn(leaves, rows[B1, ...], cols[B2, ...])`` -> [B1, B2, C, C] by VJP then JVP."""
@@ -542,6 +579,71 @@ class _Engine:
             yield unit, {row: reduce(products(self.leaves, rows, cols))}
 
 
+@dataclasses.dataclass(frozen=True)
+class _DenseLayer:
+    """A ``flax.linen.Dense`` applied once to a flat input: its per-example Jacobian is the
+    outer product of its input a [d_in] and output sensitivity δ [C, d_out], so its kernel is
+    (a_i·a_j + 1[bias]) (δ_i·δ_j): N²·(d_in + C·d_out) FLOPs instead of N²·C·d_in·d_out."""
+
+    kernel: int  # leaf index of the kernel [d_in, d_out]
+    bias: int | None  # leaf index of the bias [d_out]
+    d_in: int
+    d_out: int
+
+    @property
+    def leaf_indices(self) -> tuple[int, ...]:
+        return (self.kernel,) if self.bias is None else (self.kernel, self.bias)
+
+    @property
+    def num_params(self) -> int:
+        return self.d_in * self.d_out + (0 if self.bias is None else self.d_out)
+
+
+def _find_dense_layers(
+    apply_fn: ApplyFn, treedef: Any, leaves: list[jax.Array], example_shape: tuple
+) -> tuple[_DenseLayer, ...]:
+    """Dense layers of ``apply_fn`` that can be factored, matched to leaves by identity.
+
+    A layer qualifies when it is a ``flax.linen.Dense`` called exactly once per example on a
+    [1, d_in] input and its kernel (and bias) are leaves of ``params`` themselves.
+    """
+    calls: dict[tuple, list] = collections.defaultdict(list)
+
+    def probe(traced: list[jax.Array], x: jax.Array) -> jax.Array:
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, nn.Dense) and context.method_name == "__call__":
+                params = module.variables.get("params", {})
+                kernel = params.get("kernel")
+                index = next((i for i, leaf in enumerate(traced) if leaf is kernel), None)
+                bias = params.get("bias")
+                bias_index = next((i for i, leaf in enumerate(traced) if leaf is bias), None)
+                calls[module.path].append((index, bias_index, args[0].shape, bias is None))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            return apply_fn(jax.tree.unflatten(treedef, traced), x)
+
+    example = jax.ShapeDtypeStruct((1, *example_shape), leaves[0].dtype)
+    try:
+        jax.eval_shape(probe, leaves, example)
+    except Exception:  # best effort: a model we cannot probe is contracted unfactored
+        return ()
+    layers = []
+    for found in calls.values():
+        if len(found) != 1:
+            continue  # called more than once: shared weights, not factorable per call
+        kernel, bias, input_shape, no_bias = found[0]
+        if kernel is None or len(input_shape) != 2 or input_shape[0] != 1:
+            continue
+        if not no_bias and bias is None:
+            continue
+        d_in, d_out = leaves[kernel].shape
+        layers.append(_DenseLayer(kernel=kernel, bias=bias, d_in=d_in, d_out=d_out))
+    used = [i for layer in layers for i in layer.leaf_indices]
+    return tuple(layers) if len(used) == len(set(used)) else ()
+
+
 _COMPILED: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 _COMPILED_MAX = 32
 
@@ -565,13 +667,17 @@ def _features_fn(
     projection_dim: int | None,
     projection: str,
     mesh: Mesh,
+    dense: tuple[_DenseLayer, ...] = (),
 ) -> Callable:
-    def per_device(leaves: list[jax.Array], keys: jax.Array, x: jax.Array) -> jax.Array:
+    def per_device(leaves: list[jax.Array], keys: jax.Array, x: jax.Array) -> tuple:
         def outputs(group_leaves: list[jax.Array], example: jax.Array) -> jax.Array:
             merged = list(leaves)
             for position, index in enumerate(group):
                 merged[index] = group_leaves[position]
             return apply_fn(jax.tree.unflatten(treedef, merged), example[None])[0]
+
+        if dense:
+            return _structured_features(apply_fn, treedef, group, dense, leaves, x, num_outputs)
 
         # Mark the replicated parameters as varying over devices: otherwise the derivative with
         # respect to them would be summed over the devices' examples.
@@ -588,6 +694,54 @@ def _features_fn(
 
     specs = (Spec(), Spec(), Spec(_AXIS))
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=Spec(_AXIS)))
+
+
+def _structured_features(
+    apply_fn: ApplyFn,
+    treedef: Any,
+    group: tuple[int, ...],
+    dense: tuple[_DenseLayer, ...],
+    leaves: list[jax.Array],
+    x: jax.Array,
+    num_outputs: int,
+) -> tuple[jax.Array, ...]:
+    """Per-example Jacobians [B, C, P_leaf] of the unfactored leaves, then per Dense layer its
+    inputs [B, d_in] and the output sensitivities ∂f/∂y [B, C, d_out] (a zero perturbation added
+    to the layer's output and differentiated)."""
+
+    def outputs(group_leaves: list[jax.Array], perturbations: list[jax.Array], example):
+        merged = list(leaves)
+        for position, index in enumerate(group):
+            merged[index] = group_leaves[position]
+        kernels = {id(merged[layer.kernel]): position for position, layer in enumerate(dense)}
+        inputs: dict[int, jax.Array] = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, nn.Dense) and context.method_name == "__call__":
+                position = kernels.get(id(module.variables["params"]["kernel"]))
+                if position is not None:
+                    inputs[position] = args[0][0]
+                    return next_fun(*args, **kwargs) + perturbations[position][None]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            out = apply_fn(jax.tree.unflatten(treedef, merged), example[None])[0]
+        return out, [inputs[position] for position in range(len(dense))]
+
+    group_leaves = [jax.lax.pcast(leaves[i], _AXIS, to="varying") for i in group]
+    perturbations = [
+        jax.lax.pcast(jnp.zeros((layer.d_out,), x.dtype), _AXIS, to="varying") for layer in dense
+    ]
+    jacobian = jax.jacrev(outputs, argnums=(0, 1), has_aux=True)
+    (leaf_jacobians, sensitivities), inputs = jax.vmap(jacobian, in_axes=(None, None, 0))(
+        group_leaves, perturbations, x
+    )
+    b = x.shape[0]
+    features = [jac.reshape(b, num_outputs, -1) for jac in leaf_jacobians]
+    for layer_inputs, layer_sensitivities in zip(inputs, sensitivities, strict=True):
+        features += [layer_inputs, layer_sensitivities]
+    return tuple(features)
 
 
 def _project(jacobian: jax.Array, key: jax.Array, dim: int, projection: str) -> jax.Array:
@@ -628,8 +782,27 @@ def _dot(a: jax.Array, b: jax.Array, spec: str, precision: str, platform: str) -
     return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def _contract_fn(output: str, precision: str, mesh: Mesh) -> Callable:
+def _contract_fn(
+    output: str,
+    precision: str,
+    mesh: Mesh,
+    num_plain: int | None = None,
+    biases: tuple[bool, ...] = (),
+) -> Callable:
+    """Contraction of feature tuples; with ``num_plain`` the entries after the first
+    ``num_plain`` are (inputs, sensitivities) pairs of factored Dense layers."""
     platform = mesh.devices.flat[0].platform
+
+    def factored(rows: tuple, cols: tuple, bias: bool) -> jax.Array:
+        (a_rows, d_rows), (a_cols, d_cols) = rows, cols
+        inputs = _dot(a_rows, a_cols, "if,jf->ij", precision, platform) + (1.0 if bias else 0.0)
+        if output == "trace":
+            b1, b2 = d_rows.shape[0], d_cols.shape[0]
+            flat = (d_rows.reshape(b1, -1), d_cols.reshape(b2, -1))
+            return inputs * _dot(*flat, "if,jf->ij", precision, platform)
+        if output == "diagonal":
+            return inputs[:, :, None] * _dot(d_rows, d_cols, "icf,jcf->ijc", precision, platform)
+        return inputs[:, :, None, None] * _dot(d_rows, d_cols, "icf,jdf->ijcd", precision, platform)
 
     def leaf(rows: jax.Array, cols: jax.Array) -> jax.Array:
         if output == "trace":
@@ -642,7 +815,11 @@ def _contract_fn(output: str, precision: str, mesh: Mesh) -> Callable:
         return _dot(rows, cols, "icf,jdf->ijcd", precision, platform)
 
     def per_device(rows: tuple[jax.Array, ...], cols: tuple[jax.Array, ...]) -> jax.Array:
-        blocks = [leaf(r, c) for r, c in zip(rows, cols, strict=True)]
+        plain = len(rows) if num_plain is None else num_plain
+        blocks = [leaf(r, c) for r, c in zip(rows[:plain], cols[:plain], strict=True)]
+        for position, bias in enumerate(biases):
+            pair = slice(plain + 2 * position, plain + 2 * position + 2)
+            blocks.append(factored(rows[pair], cols[pair], bias))
         return sum(blocks[1:], blocks[0])
 
     specs = (Spec(_AXIS), Spec())
