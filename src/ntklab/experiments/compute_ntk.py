@@ -33,7 +33,14 @@ logger = logging.getLogger(__name__)
 
 NON_IDENTITY_KEYS = {
     "data": ("root", "download"),
-    "ntk": ("batch_size", "save_kernel", "out_of_core", "memory_bytes", "param_chunk_size"),
+    "ntk": (
+        "batch_size",
+        "save_kernel",
+        "implementation",
+        "out_of_core",
+        "memory_bytes",
+        "param_chunk_size",
+    ),
 }
 MATRIX_FREE_SOLVERS = ("matrix_free", "nystrom")
 SOLVERS = ("auto", "dense", "lanczos", *MATRIX_FREE_SOLVERS)
