@@ -149,6 +149,24 @@ def to_container(config: DictConfig | Mapping) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=_json_default))
 
 
+def config_identity(
+    config: DictConfig, groups: tuple[str, ...], exclude: Mapping[str, tuple[str, ...]]
+) -> dict[str, Any]:
+    """The result-determining part of a config: ``seed`` and ``groups``, less ``exclude``.
+
+    Args:
+      config: the composed config.
+      groups: top-level config groups that determine the results (e.g. ``("model", "data")``).
+      exclude: per group, keys that do not change the results (e.g. ``{"data": ("root",)}``).
+    """
+    identity: dict[str, Any] = {"seed": config.seed}
+    for group in groups:
+        identity[group] = to_container(config[group])
+        for key in exclude.get(group, ()):
+            identity[group].pop(key, None)
+    return identity
+
+
 def prepare_run_dir(
     path: str | os.PathLike, identity: Mapping[str, Any], *, overwrite: bool = False
 ) -> Path:

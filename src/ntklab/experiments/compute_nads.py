@@ -37,15 +37,7 @@ NON_IDENTITY_KEYS = {"nads": ("batch_size", "num_plot")}
 
 def run_identity(cfg: DictConfig) -> dict:
     """The config keys that determine a run's results (what ``config.json`` records)."""
-    identity = {
-        "seed": cfg.seed,
-        "model": artifacts.to_container(cfg.model),
-        "nads": artifacts.to_container(cfg.nads),
-    }
-    for group, keys in NON_IDENTITY_KEYS.items():
-        for key in keys:
-            identity[group].pop(key, None)
-    return identity
+    return artifacts.config_identity(cfg, ("model", "nads"), NON_IDENTITY_KEYS)
 
 
 def run(cfg: DictConfig) -> Path:

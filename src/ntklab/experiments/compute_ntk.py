@@ -49,16 +49,7 @@ SOLVERS = ("auto", "dense", "lanczos", *MATRIX_FREE_SOLVERS)
 
 def run_identity(cfg: DictConfig) -> dict:
     """The config keys that determine a run's results (what ``config.json`` records)."""
-    identity = {
-        "seed": cfg.seed,
-        "model": artifacts.to_container(cfg.model),
-        "data": artifacts.to_container(cfg.data),
-        "ntk": artifacts.to_container(cfg.ntk),
-    }
-    for group, keys in NON_IDENTITY_KEYS.items():
-        for key in keys:
-            identity[group].pop(key, None)
-    return identity
+    return artifacts.config_identity(cfg, ("model", "data", "ntk"), NON_IDENTITY_KEYS)
 
 
 def run(cfg: DictConfig) -> Path:

@@ -26,6 +26,7 @@ from ntklab import artifacts
 from ntklab.experiments.compute_nads import NADRun, load_nads
 from ntklab.experiments.training import (
     fit_model_kwargs,
+    hydra_override,
     mode_name,
     start_run,
     train_config,
@@ -42,19 +43,11 @@ def compute_nads_command(cfg: DictConfig) -> str:
     """The ``python compute_nads.py ...`` command that makes the NAD run ``cfg`` needs."""
     words = ["python", "compute_nads.py", f"model={cfg.model.name}"]
     model = artifacts.to_container(cfg.model)
-    words += [f"model.{key}={_override(value)}" for key, value in model.items() if key != "name"]
+    words += [
+        f"model.{key}={hydra_override(value)}" for key, value in model.items() if key != "name"
+    ]
     words.append(f"paths.run_dir={cfg.paths.nads}")
     return " ".join(shlex.quote(word) for word in words)
-
-
-def _override(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_override(v) for v in value) + "]"
-    return str(value)
 
 
 def _normalized(value: object) -> object:

@@ -32,6 +32,7 @@ from ntklab.alignment import rayleigh_quotients
 from ntklab.artifacts import NTKRun, load_run
 from ntklab.experiments.training import (
     fit_model_kwargs,
+    hydra_override,
     mode_name,
     start_run,
     train_config,
@@ -85,22 +86,14 @@ def compute_ntk_command(cfg: DictConfig, *, num_eigvecs: int | None = None) -> s
     words = ["python", "compute_ntk.py", f"model={cfg.model.name}"]
     model = artifacts.to_container(cfg.model)
     data = artifacts.to_container(cfg.data)
-    words += [f"model.{key}={_override(value)}" for key, value in model.items() if key != "name"]
-    words += [f"data.{key}={_override(value)}" for key, value in data.items()]
+    words += [
+        f"model.{key}={hydra_override(value)}" for key, value in model.items() if key != "name"
+    ]
+    words += [f"data.{key}={hydra_override(value)}" for key, value in data.items()]
     if num_eigvecs is not None:
         words.append(f"ntk.num_eigvecs={num_eigvecs}")
     words.append(f"paths.run_dir={cfg.paths.eigenfunctions}")
     return " ".join(shlex.quote(word) for word in words)
-
-
-def _override(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_override(v) for v in value) + "]"
-    return str(value)
 
 
 def load_ntk_run(cfg: DictConfig, *, num_eigvecs: int = 0) -> NTKRun:

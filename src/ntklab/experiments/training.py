@@ -126,3 +126,14 @@ def write_results(
         {"script": script, "config": config, **artifacts.environment_info(), **meta},
     )
     logger.info("done: %s (summary %s)", run_dir, summary)
+
+
+def hydra_override(value: object) -> str:
+    """A config value written as a Hydra command-line override value (``null``, ``[1,2]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_override(v) for v in value) + "]"
+    return str(value)
