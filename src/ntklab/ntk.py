@@ -18,10 +18,14 @@ many hosts). ``implementation="jacobian"`` computes each block's per-example Jac
 [B, C, F] once per pass, keeps as many row blocks as the memory budget allows (a *panel*), and
 fills the kernel with one matrix product per block pair: for ``x2=None`` only the upper triangle,
 mirrored. If a single block's Jacobian does not fit, the parameters are split into chunks (groups
-of whole leaves) and the kernel is accumulated over them. ``"ntk_vector_products"`` never stores
+of whole leaves) and the kernel is accumulated over them. ``"structured"`` is the same contraction
+with every ``flax.linen.Dense`` layer factored: its per-example Jacobian is the outer product of
+its input a and output sensitivity δ, so its kernel is (a_i·a_j + 1)(δ_i·δ_j) and its
+d_in·d_out Jacobian columns are never formed. ``"ntk_vector_products"`` never stores
 Jacobians: per block pair it pulls back the output basis of one block (VJP) and pushes it forward
-through the other (JVP); ``"auto"`` picks by the cost model (contraction N·C·[FP] + N²·C·P or
-N²·C²·P for ``full``, products N²·C·[FP]). With ``projection_dim`` the Jacobian features are
+through the other (JVP); ``"auto"`` picks the cheapest by the cost model (contraction
+N·C·[FP] + N²·C·P or N²·C²·P for ``full``, products N²·C·[FP], structured with each factored
+layer's d_in·d_out replaced by d_in + C·d_out). With ``projection_dim`` the Jacobian features are
 multiplied by a seeded random Rademacher/Gaussian map [P, K] / √K, generated on the fly in chunks
 of parameters (never materialized), giving the projected NTK of Engel et al. (2023).
 
@@ -105,8 +109,9 @@ def empirical_ntk(
       x2: column inputs [N2, ...]; None means x2 is x1 and only the upper triangle is computed.
       output: ``"trace"`` [N1, N2] (sum over logits; the scalar kernel when C = 1), ``"full"``
         [N1, N2, C, C] or ``"diagonal"`` [N1, N2, C].
-      implementation: ``"jacobian"`` (contract per-example Jacobians), ``"ntk_vector_products"``
-        (VJP then JVP per block pair, no Jacobian stored) or ``"auto"`` (cheaper by FLOP count).
+      implementation: ``"jacobian"`` (contract per-example Jacobians), ``"structured"`` (the
+        same with Dense layers factored), ``"ntk_vector_products"`` (VJP then JVP per block pair,
+        no Jacobian stored) or ``"auto"`` (cheapest by FLOP count).
       batch_size: examples per block B (rounded up to a multiple of the number of devices).
       precision: contraction inputs in ``"float32"``, ``"tf32"`` (tensor-core TF32 on GPU;
         emulated by rounding on CPU so its error can be measured) or ``"bfloat16"``; always
