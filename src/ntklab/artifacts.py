@@ -292,7 +292,7 @@ def load_run(path: str | os.PathLike, *, data_root: str | os.PathLike | None = N
       FileNotFoundError: no finished run in ``path``.
       ValueError: the dataset files now give different inputs than the run used.
     """
-    from ntklab.data import load_dataset
+    from ntklab.data import load_dataset_config
     from ntklab.models import build_model, inference_apply_fn, init_variables
 
     path = Path(path)
@@ -303,18 +303,8 @@ def load_run(path: str | os.PathLike, *, data_root: str | os.PathLike | None = N
         )
     meta = load_json(path / META_FILE)
     config = OmegaConf.create(meta["config"])
-    data_cfg = dict(config.data)
-    if data_root is not None:
-        data_cfg["root"] = str(data_root)
-    dataset = load_dataset(
-        data_cfg.pop("dataset"),
-        root=data_cfg["root"],
-        download=False,
-        normalize=data_cfg["normalize"],
-        num_train=data_cfg["num_train"],
-        num_test=data_cfg["num_test"],
-        seed=config.seed,
-    )
+    root = {} if data_root is None else {"root": str(data_root)}
+    dataset = load_dataset_config(config.data, seed=config.seed, download=False, **root)
     samples = load_arrays(path / "samples.npz")
     x = np.concatenate([dataset.train.images, dataset.test.images])
     if (
@@ -323,7 +313,8 @@ def load_run(path: str | os.PathLike, *, data_root: str | os.PathLike | None = N
         or array_digest(x) != meta["inputs"]["sha256"]
     ):
         raise ValueError(
-            f"the dataset files under {data_cfg['root']} no longer give the inputs this run used "
+            f"the dataset files under {root.get('root', config.data.root)} no longer give the inputs "
+            "this run used "
             f"(sample indices or input digest differ); was the dataset replaced?"
         )
     model = build_model(**config.model)

@@ -16,8 +16,9 @@ Usage:
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from ntklab.data.preprocess import channel_stats, to_float
 from ntklab.data.subsets import subset_indices
 from ntklab.data.svhn import load_svhn
 
-__all__ = ["Dataset", "Split", "dataset_names", "load_dataset"]
+__all__ = ["Dataset", "Split", "dataset_names", "load_dataset", "load_dataset_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +131,15 @@ def load_dataset(
         normalize,
     )
     return dataset
+
+
+def load_dataset_config(data: Mapping[str, Any], *, seed: int, **overrides: Any) -> Dataset:
+    """:func:`load_dataset` from a ``config/data`` group (keys ``dataset``, ``root``,
+    ``download``, ``normalize``, ``num_train``, ``num_test``), ``overrides`` taking precedence.
+
+    Example:
+        load_dataset_config(cfg.data, seed=cfg.seed)                  # as compute_ntk.py does
+        load_dataset_config(run.config.data, seed=0, download=False)  # reading a run back
+    """
+    options = {**dict(data), **overrides}
+    return load_dataset(options.pop("dataset"), seed=seed, **options)

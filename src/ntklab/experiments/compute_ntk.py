@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ntklab import artifacts
-from ntklab.data import load_dataset
+from ntklab.data import load_dataset_config
 from ntklab.eigen import (
     Eigenpairs,
     matrix_free_eigenpairs,
@@ -72,15 +72,7 @@ def run(cfg: DictConfig) -> Path:
 
     tic = time.perf_counter()
     model = build_model(**cfg.model)
-    dataset = load_dataset(
-        cfg.data.dataset,
-        root=cfg.data.root,
-        download=cfg.data.download,
-        normalize=cfg.data.normalize,
-        num_train=cfg.data.num_train,
-        num_test=cfg.data.num_test,
-        seed=cfg.seed,
-    )
+    dataset = load_dataset_config(cfg.data, seed=cfg.seed)
     x = np.concatenate([dataset.train.images, dataset.test.images])
     num_samples = len(x)
     if not 1 <= cfg.ntk.num_eigvecs <= num_samples:

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ntklab import artifacts
-from ntklab.data import load_dataset
+from ntklab.data import load_dataset_config
 from ntklab.experiments.training import (
     fit_model_kwargs,
     mode_name,
@@ -58,15 +58,7 @@ def run(cfg: DictConfig) -> Path:
     run_dir = start_run(cfg)
 
     tic = time.perf_counter()
-    dataset = load_dataset(
-        cfg.data.dataset,
-        root=cfg.data.root,
-        download=cfg.data.download,
-        normalize=cfg.data.normalize,
-        num_train=cfg.data.num_train,
-        num_test=cfg.data.num_test,
-        seed=cfg.seed,
-    )
+    dataset = load_dataset_config(cfg.data, seed=cfg.seed)
     if dataset.num_classes != 2:
         raise ValueError(
             f"train_cifar trains binary classifiers, but data.dataset={cfg.data.dataset!r} has "
