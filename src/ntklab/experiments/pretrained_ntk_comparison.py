@@ -30,8 +30,13 @@ from omegaconf import DictConfig
 
 from ntklab import artifacts
 from ntklab.experiments.train_ntk import check_label_idx, eigenfunction_labels, load_ntk_run
-from ntklab.experiments.training import fit_model_kwargs, start_run, train_config, write_results
-from ntklab.models import count_params
+from ntklab.experiments.training import (
+    fit_model_kwargs,
+    ntk_run_meta,
+    start_run,
+    train_config,
+    write_results,
+)
 from ntklab.plots import comparison_figure
 from ntklab.train import fit
 from ntklab.types import PyTree
@@ -154,14 +159,7 @@ def run(cfg: DictConfig) -> Path:
             "train/label_mean": float(np.mean(labels[:n])),
             "runs": finals,
         },
-        meta={
-            "eigenfunctions": str(ntk_run.path.resolve()),
-            "num_train": n,
-            "num_test": ntk_run.num_samples - n,
-            "input_shape": list(ntk_run.x.shape[1:]),
-            "num_params": count_params(ntk_run.params),
-            "timings": timings,
-        },
+        meta=ntk_run_meta(ntk_run, timings),
         summary_name=f"label_{cfg.label_idx}-seed_{cfg.seed}.json",
     )
     return run_dir

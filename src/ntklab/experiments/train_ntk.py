@@ -34,11 +34,11 @@ from ntklab.experiments.training import (
     fit_model_kwargs,
     hydra_override,
     mode_name,
+    ntk_run_meta,
     start_run,
     train_config,
     write_results,
 )
-from ntklab.models import count_params
 from ntklab.plots import alignment_figure
 from ntklab.train import eval_apply_fn, fit
 
@@ -236,15 +236,7 @@ def run(cfg: DictConfig) -> Path:
         cfg=cfg,
         script="train_ntk",
         metrics=metrics,
-        meta={
-            "eigenfunctions": str(ntk_run.path.resolve()),
-            "eigenfunctions_seed": ntk_run.config.seed,
-            "num_train": n,
-            "num_test": ntk_run.num_samples - n,
-            "input_shape": list(ntk_run.x.shape[1:]),
-            "num_params": count_params(ntk_run.params),
-            "timings": timings,
-        },
+        meta=ntk_run_meta(ntk_run, timings),
         summary_name=f"label_{cfg.label_idx}-{mode}-seed_{cfg.seed}.json",
     )
     return run_dir

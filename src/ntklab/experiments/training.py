@@ -20,7 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from ntklab import artifacts
 from ntklab.linearize import linearize
-from ntklab.models import inference_apply_fn, train_apply_fn
+from ntklab.models import count_params, inference_apply_fn, train_apply_fn
 from ntklab.train import TrainConfig, eval_apply_fn
 from ntklab.types import PyTree
 
@@ -137,3 +137,17 @@ def hydra_override(value: object) -> str:
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_override(v) for v in value) + "]"
     return str(value)
+
+
+def ntk_run_meta(ntk_run: artifacts.NTKRun, timings: dict[str, float]) -> dict[str, Any]:
+    """``meta.json`` fields of a training run on a ``compute_ntk`` run's samples."""
+    n = ntk_run.num_train
+    return {
+        "eigenfunctions": str(ntk_run.path.resolve()),
+        "eigenfunctions_seed": ntk_run.config.seed,
+        "num_train": n,
+        "num_test": ntk_run.num_samples - n,
+        "input_shape": list(ntk_run.x.shape[1:]),
+        "num_params": count_params(ntk_run.params),
+        "timings": timings,
+    }
