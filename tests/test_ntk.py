@@ -200,7 +200,7 @@ def test_products_equal_contraction_on_a_cnn(float64):
 
 
 def test_structured_factors_exactly_the_dense_layers():
-    import ntklab.ntk as engine
+    import ntklab.ntk._engine as engine
 
     apply_fn, params, shape = network("lenet")
     leaves = jax.tree.leaves(params)
@@ -235,7 +235,7 @@ def test_structured_with_a_shared_dense_layer_is_not_factored(float64):
 
 
 def test_auto_follows_the_cost_model():
-    import ntklab.ntk as engine
+    import ntklab.ntk._engine as engine
 
     apply_fn, params, shape = network("lenet")
     x = np.zeros((4, *shape), np.float32)
