@@ -17,6 +17,7 @@ def write_run(folder, script, config, **metrics):
     (folder / ".hydra" / "metrics.json").write_text("{}")  # hidden folders are not runs
     content = {"script": script, **metrics, "config": config}
     (folder / "metrics.json").write_text(json.dumps(content))
+    (folder / "meta.json").write_text(json.dumps({"script": script}))  # written last: finished
 
 
 def ntk_config(label_idx, seed, linearize, **extra):
@@ -131,5 +132,40 @@ def test_num_train_nad_and_comparison_sweeps_pick_their_x_key_and_series(tmp_pat
 
 
 def test_a_folder_without_runs_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no metrics\.json below"):
+    with pytest.raises(FileNotFoundError, match=r"no finished run below"):
         report(tmp_path)
+
+
+def test_unfinished_runs_are_skipped_with_a_warning_naming_each(ntk_sweep, capsys, caplog):
+    """Killed runs (no meta.json) are not rows, and the log and the printed output name them."""
+    killed_in_training = ntk_sweep / "18"
+    (killed_in_training / ".hydra").mkdir(parents=True)
+    (killed_in_training / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (killed_in_training / "checkpoints").mkdir()
+    killed_before_meta = ntk_sweep / "19"  # metrics.json written, meta.json not yet
+    write_run(killed_before_meta, "train_ntk", ntk_config(0, 9, False), **{"test/acc": 0.0})
+    (killed_before_meta / "meta.json").unlink()
+    (killed_before_meta / "runs" / "network").mkdir(parents=True)  # nested: part of run 19
+    (killed_before_meta / "runs" / "network" / "metrics.jsonl").write_text("")
+    (ntk_sweep / "0" / "runs" / "network").mkdir(parents=True)  # inside a finished run
+    (ntk_sweep / "0" / "runs" / "network" / "metrics.jsonl").write_text("")
+
+    with caplog.at_level("WARNING", logger="ntklab.report"):
+        report(ntk_sweep)
+    with open(ntk_sweep / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and {r["run_dir"] for r in rows} == {str(j) for j in range(18)}
+    warned = [r.getMessage() for r in caplog.records if "unfinished" in r.getMessage()]
+    assert warned == [
+        f"skipping unfinished run {killed_in_training} (no meta.json)",
+        f"skipping unfinished run {killed_before_meta} (no meta.json)",
+    ]
+    printed = capsys.readouterr().out.splitlines()
+    start = printed.index("warning: skipped 2 unfinished run(s) (no meta.json):")
+    assert printed[start + 1 : start + 3] == [f"  {killed_in_training}", f"  {killed_before_meta}"]
+
+
+def test_only_unfinished_runs_is_an_error_that_counts_them(tmp_path):
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no finished run below .*; 1 unfinished run"):
+        collect(tmp_path)

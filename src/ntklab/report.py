@@ -3,10 +3,12 @@
     python -m ntklab.report multirun/train_ntk/2025-01-01/12-00-00
     python -m ntklab.report multirun/ --out figures --metric test/acc --metric train/acc
 
-Every ``metrics.json`` below the folder (one per run, as the training scripts write them) becomes
-one row of ``report.csv``: the run's resolved config as dotted keys (``label_idx``,
-``data.num_train``, ``train.max_lr``, ...), its metrics (``test/acc``, ``train/acc``,
+Every finished run below the folder (``metrics.json`` and ``meta.json``, as the training
+scripts write them) becomes one row of ``report.csv``: the run's resolved config as dotted keys
+(``label_idx``, ``data.num_train``, ``train.max_lr``, ...), its metrics (``test/acc``, ``train/acc``,
 ``param_distance_sq``, ...; the comparison's as ``runs.<run>.test/acc``) and ``run_dir``.
+Unfinished runs (a run folder without ``meta.json``: killed, failed or still running) are skipped
+with a warning that lists each folder, in the log and in the printed output.
 
 Figures: rows are grouped by script, dataset, model and every other config key that differs
 between runs, except the swept x key, ``seed`` and the series key. The x key is the first of
@@ -53,8 +55,48 @@ IGNORED_PREFIXES = ("paths.", "hydra.")
 FIRST_COLUMNS = ("script", "run_dir", *X_KEYS, "mode", "seed", "test/acc", "train/acc")
 
 
+RUN_MARKERS = (".hydra", "metrics.jsonl", "metrics.json", "config.json", "checkpoints")
+"""Entries that make a folder a run folder; it is finished once ``meta.json`` exists."""
+
+
+def find_runs(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """The run folders below ``folder``: finished training runs and unfinished runs.
+
+    A run folder holds one of ``RUN_MARKERS`` (folders inside a run folder belong to it); it is
+    finished once the training script wrote ``meta.json`` (last, after ``metrics.json``). A
+    finished folder without ``metrics.json`` (e.g. a ``compute_ntk`` run) is not a training run
+    and is left out of both lists.
+
+    Args:
+      folder: a multirun folder (or any folder holding run folders).
+
+    Returns:
+      ``(metrics_paths, unfinished)``: the ``metrics.json`` of every finished training run, and
+      every unfinished run folder, both sorted.
+    """
+    folder = Path(folder)
+    finished, unfinished = [], []
+    runs: list[Path] = []
+    for path in sorted([folder, *folder.rglob("*")]):  # parents before their children
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in relative) or not path.is_dir():
+            continue
+        if any(run in path.parents for run in runs):  # e.g. the comparison's runs/<name>/
+            continue
+        if not any((path / marker).exists() for marker in RUN_MARKERS):
+            continue
+        runs.append(path)
+        if not (path / artifacts.META_FILE).is_file():
+            unfinished.append(path)
+        elif (path / "metrics.json").is_file():
+            finished.append(path / "metrics.json")
+    return finished, unfinished
+
+
 def collect(folder: str | Path) -> list[dict[str, Any]]:
-    """Reads every ``metrics.json`` below ``folder`` into flat rows.
+    """Reads the ``metrics.json`` of every finished run below ``folder`` into flat rows.
+
+    Unfinished runs (no ``meta.json``) are skipped with a warning naming each folder.
 
     Args:
       folder: a multirun folder (or any folder holding run folders).
@@ -64,18 +106,18 @@ def collect(folder: str | Path) -> list[dict[str, Any]]:
       and the private ``_config_keys`` (the set of keys that came from the config).
 
     Raises:
-      FileNotFoundError: no ``metrics.json`` below ``folder``.
+      FileNotFoundError: no finished run below ``folder``.
     """
     folder = Path(folder)
-    paths = sorted(
-        path
-        for path in folder.rglob("metrics.json")
-        if not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+    paths, unfinished = find_runs(folder)
+    for path in unfinished:
+        logger.warning("skipping unfinished run %s (no %s)", path, artifacts.META_FILE)
     if not paths:
+        found = f"; {len(unfinished)} unfinished run(s) skipped" if unfinished else ""
         raise FileNotFoundError(
-            f"no metrics.json below {folder}: expected run folders written by train_ntk.py, "
-            "train_cifar.py or pretrained_ntk_comparison.py (e.g. a multirun folder)"
+            f"no finished run below {folder}{found}: expected run folders with metrics.json and "
+            f"{artifacts.META_FILE} written by train_ntk.py, train_nads.py, train_cifar.py or "
+            "pretrained_ntk_comparison.py (e.g. a multirun folder)"
         )
     rows = []
     for path in paths:
@@ -246,6 +288,7 @@ def report(
     """
     out = Path(folder if out is None else out)
     rows = collect(folder)
+    unfinished = find_runs(folder)[1]
     written = [out / "report.csv", out / "report_summary.csv"]
     write_csv(rows, written[0])
     summary_rows = []
@@ -281,6 +324,10 @@ def report(
         row["_config_keys"] = set()
     write_csv(summary_rows, written[1])
     _print_table(summary_rows)
+    if unfinished:
+        print(f"warning: skipped {len(unfinished)} unfinished run(s) (no {artifacts.META_FILE}):")
+        for path in unfinished:
+            print(f"  {path}")
     return written
 
 
