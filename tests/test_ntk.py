@@ -200,16 +200,16 @@ def test_products_equal_contraction_on_a_cnn(float64):
 
 
 def test_structured_factors_exactly_the_dense_layers():
-    import ntklab.ntk._engine as engine
+    from ntklab.ntk._structure import find_dense_layers
 
     apply_fn, params, shape = network("lenet")
     leaves = jax.tree.leaves(params)
-    layers = engine._find_dense_layers(apply_fn, jax.tree.structure(params), leaves, shape)
+    layers, _ = find_dense_layers(apply_fn, jax.tree.structure(params), leaves, shape)
     # LeNet's three Dense layers (120, 84, 1 units), each with its kernel and bias leaf.
     assert [(layer.d_in, layer.d_out) for layer in layers] == [(64, 120), (120, 84), (84, 1)]
     for layer in layers:
         assert leaves[layer.kernel].shape == (layer.d_in, layer.d_out)
-        assert leaves[layer.bias].shape == (layer.d_out,)
+        assert leaves[layer.bias].shape == (layer.d_in, layer.d_out)[1:]
 
 
 def test_structured_with_a_shared_dense_layer_is_not_factored(float64):
@@ -235,21 +235,26 @@ def test_structured_with_a_shared_dense_layer_is_not_factored(float64):
 
 
 def test_auto_follows_the_cost_model():
-    import ntklab.ntk._engine as engine
+    from ntklab.ntk import _schedule
 
     apply_fn, params, shape = network("lenet")
     x = np.zeros((4, *shape), np.float32)
-    instance = engine._Engine(
-        apply_fn, params, x, x, symmetric=True, output="trace", batch_size=4,
-        precision="float32", memory_bytes=None, param_chunk_size=None, projection_dim=None,
-        projection="rademacher", projection_seed=0, devices=jax.devices(),
-    )  # fmt: skip
+    options = {
+        "symmetric": True,
+        "output": "trace",
+        "precision": "float32",
+        "projection": "rademacher",
+        "projection_seed": 0,
+        "devices": tuple(jax.devices()),
+    }
+    problem = _schedule.make_problem(apply_fn, params, x, x, projection_dim=None, **options)
+    layout = {"batch_size": 4, "memory_bytes": None, "param_chunk_size": None}
     # A forward pass costs at least 2 FLOPs per parameter, so for one output contraction beats
     # NTK-vector products; LeNet's Dense layers hold most parameters, so factoring them wins.
-    assert instance._forward_flops() >= 2 * instance.num_params
-    assert instance.cheaper_implementation() == "structured"
-    instance.projection_dim = 8
-    assert instance.cheaper_implementation() == "jacobian"
+    assert problem.forward_flops() >= 2 * problem.num_params
+    assert _schedule.choose_plan(problem, "auto", **layout).implementation == "structured"
+    projected = _schedule.make_problem(apply_fn, params, x, x, projection_dim=8, **options)
+    assert _schedule.choose_plan(projected, "auto", **layout).implementation == "jacobian"
 
 
 @pytest.mark.parametrize("x2_is_none", [True, False])

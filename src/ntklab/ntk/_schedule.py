@@ -1,0 +1,495 @@
+"""The schedule: blocks, panels, parameter chunks, devices, the cost model and the work units.
+
+Dimensions: N examples (N1 rows, N2 columns), P parameters, C outputs, B examples per block,
+F features per example and output, D devices, G parameter chunks.
+
+    problem = make_problem(apply_fn, params, x1, x2, output="trace", ...)
+    plan = make_plan(problem, "structured", batch_size=256, memory_bytes=None, param_chunk_size=None)
+    for unit, blocks in jacobian_units(plan, plan.units(), done=set()):   # {row block: [B, B]}
+        ...
+
+A *unit* is the kernel blocks of a panel's row blocks (as many as the memory budget holds)
+against one column block; for ``x2=None`` only blocks on or above the diagonal. Everything here
+is decided once, in frozen dataclasses: the engine is never reconfigured after construction.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as Spec
+
+from ntklab.ntk import _features
+from ntklab.ntk._features import AXIS, Features
+from ntklab.ntk._structure import DenseLayer, find_dense_layers, log_structure
+from ntklab.types import ApplyFn, PyTree
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """What is computed, independent of implementation and memory layout."""
+
+    apply_fn: ApplyFn
+    treedef: Any
+    leaves: tuple[jax.Array, ...]  # replicated on the mesh
+    x1: Any
+    x2: Any
+    symmetric: bool
+    output: str
+    precision: str
+    projection_dim: int | None
+    projection: str
+    projection_seed: int
+    devices: tuple[jax.Device, ...]
+    mesh: Mesh
+    num_outputs: int
+    num_params: int
+    param_dtype: np.dtype
+    accumulate_dtype: np.dtype
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, Spec(AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, Spec())
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        n1, n2, c = len(self.x1), len(self.x2), self.num_outputs
+        return {"trace": (n1, n2), "diagonal": (n1, n2, c), "full": (n1, n2, c, c)}[self.output]
+
+    def dense_layers(self) -> tuple[DenseLayer, ...]:
+        """The Dense layers proven factorable (logged with the refused ones and why)."""
+        layers, refused = find_dense_layers(
+            self.apply_fn, self.treedef, list(self.leaves), tuple(self.x1.shape[1:])
+        )
+        log_structure(layers, refused)
+        return layers
+
+    def forward_flops(self) -> float:
+        """FLOPs of one example's forward pass (XLA's cost analysis; 2·P if unavailable)."""
+        params = jax.tree.unflatten(self.treedef, list(self.leaves))
+        example = jax.ShapeDtypeStruct((1, *self.x1.shape[1:]), self.param_dtype)
+        try:
+            cost = jax.jit(self.apply_fn).lower(params, example).cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            return max(float(cost["flops"]), 2.0 * self.num_params)
+        except Exception:  # cost analysis is best effort; every parameter is used at least once
+            return 2.0 * self.num_params
+
+    def put_block(self, x: Any, rows: slice, block: int, *, sharded: bool = True) -> jax.Array:
+        """Rows ``x[rows]`` padded to ``block`` examples (repeating the last) on the mesh."""
+        part = np.asarray(x[rows], dtype=self.param_dtype)
+        missing = block - part.shape[0]
+        if missing:
+            part = np.pad(part, [(0, missing)] + [(0, 0)] * (part.ndim - 1), mode="edge")
+        sharding = self.batch_sharding if sharded else self.replicated
+        return jax.make_array_from_callback(part.shape, sharding, lambda index: part[index])
+
+
+def default_memory_bytes(device: jax.Device) -> int:
+    """Half the device memory, or a quarter of host RAM on CPU."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def make_problem(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x1: Any,
+    x2: Any,
+    *,
+    symmetric: bool,
+    output: str,
+    precision: str,
+    projection_dim: int | None,
+    projection: str,
+    projection_seed: int,
+    devices: tuple[jax.Device, ...],
+) -> Problem:
+    """Validates the model's output shape and places the parameters on the mesh."""
+    leaves, treedef = jax.tree.flatten(params)
+    param_dtype = np.dtype(jnp.result_type(*leaves))
+    example = jax.ShapeDtypeStruct((1, *x1.shape[1:]), param_dtype)
+    out_shape = jax.eval_shape(apply_fn, params, example).shape
+    if len(out_shape) != 2:
+        raise ValueError(f"apply_fn must return [B, C] outputs, got shape {out_shape}")
+    mesh = Mesh(np.asarray(devices), (AXIS,))
+    replicated = NamedSharding(mesh, Spec())
+    return Problem(
+        apply_fn=apply_fn,
+        treedef=treedef,
+        leaves=tuple(jax.device_put(leaf, replicated) for leaf in leaves),
+        x1=x1,
+        x2=x2,
+        symmetric=symmetric,
+        output=output,
+        precision=precision,
+        projection_dim=projection_dim,
+        projection=projection,
+        projection_seed=projection_seed,
+        devices=tuple(devices),
+        mesh=mesh,
+        num_outputs=int(out_shape[1]),
+        num_params=sum(int(np.prod(leaf.shape)) for leaf in leaves),
+        param_dtype=param_dtype,
+        accumulate_dtype=np.dtype(np.float64 if param_dtype == np.float64 else np.float32),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One unit of work: the kernel blocks of a panel's row blocks against one column block."""
+
+    panel: int
+    column: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """One implementation's memory layout of a :class:`Problem`, fixed at construction."""
+
+    problem: Problem
+    implementation: str
+    block: int
+    row_slices: tuple[slice, ...]
+    col_slices: tuple[slice, ...]
+    panel_blocks: int
+    param_groups: tuple[tuple[int, ...], ...]  # unfactored leaves, chunked if needed
+    dense: tuple[DenseLayer, ...]  # factored layers; their factors travel with group 0
+    chunked: bool
+
+    def units(self) -> list[Unit]:
+        """Work units in execution order (row panels, then column blocks left to right)."""
+        units = []
+        for panel_start in range(0, len(self.row_slices), self.panel_blocks):
+            first = panel_start if self.problem.symmetric else 0
+            units += [Unit(panel_start, j) for j in range(first, len(self.col_slices))]
+        return units
+
+    def panel_rows(self, unit: Unit) -> list[int]:
+        """Row blocks of the unit's panel that meet its column (upper triangle if symmetric)."""
+        stop = min(unit.panel + self.panel_blocks, len(self.row_slices))
+        if self.problem.symmetric:
+            stop = min(stop, unit.column + 1)
+        return list(range(unit.panel, stop))
+
+    def region(self, unit: Unit) -> tuple[int, int, int, int]:
+        """The unit's kernel rows and columns (r0, r1, c0, c1)."""
+        rows = self.panel_rows(unit)
+        cols = self.col_slices[unit.column]
+        return (self.row_slices[rows[0]].start, self.row_slices[rows[-1]].stop, cols.start,
+                cols.stop)  # fmt: skip
+
+    def cost(self, forward: float) -> float:
+        """FLOPs of the whole computation (see :func:`choose_implementation`)."""
+        p = self.problem
+        c, b = p.num_outputs, self.block
+        units = self.units()
+        pairs = sum(len(self.panel_rows(u)) for u in units) * b * b
+        if self.implementation == "ntk_vector_products":
+            return pairs * c * 2.0 * forward
+        evaluations = 0  # block feature evaluations, each a forward and C backward passes
+        if self.chunked:
+            for u in units:
+                rows = self.panel_rows(u)
+                diagonal = p.symmetric and u.column in rows
+                evaluations += len(self.param_groups) * (1 if diagonal else 2)
+        else:
+            for start in range(0, len(self.row_slices), self.panel_blocks):
+                stop = min(start + self.panel_blocks, len(self.row_slices))
+                columns = len(self.col_slices) - (start if p.symmetric else 0)
+                inside = (stop - start) if p.symmetric else 0
+                evaluations += (stop - start) + (columns - inside)
+        per_output = c * c if p.output == "full" else c
+        unfactored = sum(int(np.prod(p.leaves[i].shape)) for g in self.param_groups for i in g)
+        if p.projection_dim is not None:
+            unfactored = p.projection_dim
+        factors = sum(layer.d_in + per_output * layer.d_out for layer in self.dense)
+        return evaluations * b * (1 + 2 * c) * forward + 2.0 * pairs * (
+            per_output * unfactored + factors
+        )
+
+
+def _leaf_groups(
+    sizes: list[tuple[int, int]], chunk_size: int | None, budget_params: int
+) -> list[tuple[int, ...]]:
+    """Consecutive (index, size) leaves grouped so each group's Jacobian fits (never split)."""
+    limit = chunk_size if chunk_size is not None else max(budget_params, 1)
+    if chunk_size is None and sum(size for _, size in sizes) <= limit:
+        return [tuple(index for index, _ in sizes)]
+    groups: list[list[int]] = [[]]
+    total = 0
+    for index, size in sizes:
+        if groups[-1] and total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += size
+    return [tuple(g) for g in groups]
+
+
+def make_plan(
+    problem: Problem,
+    implementation: str,
+    *,
+    batch_size: int,
+    memory_bytes: int | None,
+    param_chunk_size: int | None,
+    dense: tuple[DenseLayer, ...] = (),
+) -> Plan:
+    """Lays out ``implementation`` (``dense``: the factored layers for ``"structured"``).
+
+    Chunking is decided after the structure: factored layers leave the Jacobian features, so the
+    budget holds more rows (and fewer chunks are needed).
+    """
+    p = problem
+    num_devices = len(p.devices)
+    block = min(batch_size, max(len(p.x1), len(p.x2)))
+    block = math.ceil(block / num_devices) * num_devices
+    row_slices = tuple(_block_slices(len(p.x1), block))
+    col_slices = tuple(_block_slices(len(p.x2), block))
+    itemsize = p.param_dtype.itemsize
+    budget = memory_bytes if memory_bytes is not None else default_memory_bytes(p.devices[0])
+    per_device = block // num_devices
+    c = p.num_outputs
+    factored = {i for layer in dense for i in layer.leaf_indices}
+    sizes = [(i, int(np.prod(leaf.shape))) for i, leaf in enumerate(p.leaves) if i not in factored]
+    factor_bytes = per_device * itemsize * sum(layer.d_in + c * layer.d_out for layer in dense)
+    budget_params = max(0, budget - 3 * factor_bytes) // max(1, 3 * per_device * c * itemsize)
+    groups = _leaf_groups(sizes, param_chunk_size, budget_params) if sizes else [()]
+    chunked = len(groups) > 1 and p.projection_dim is None
+    feature_dim = p.projection_dim or sum(size for _, size in sizes)
+    block_bytes = per_device * c * feature_dim * itemsize + factor_bytes
+    if chunked or implementation == "ntk_vector_products":
+        panel_blocks = 1  # products store no Jacobians: one row block per unit
+    else:
+        panel_blocks = max(1, budget // max(block_bytes, 1) - 1)
+    return Plan(
+        problem=p,
+        implementation=implementation,
+        block=block,
+        row_slices=row_slices,
+        col_slices=col_slices,
+        panel_blocks=min(panel_blocks, len(row_slices)),
+        param_groups=tuple(groups),
+        dense=tuple(dense),
+        chunked=chunked,
+    )
+
+
+def choose_plan(
+    problem: Problem,
+    implementation: str,
+    *,
+    batch_size: int,
+    memory_bytes: int | None,
+    param_chunk_size: int | None,
+) -> Plan:
+    """The plan of ``implementation``; for ``"auto"`` the cheapest by the cost model.
+
+    The cost model in FLOPs (f: one example's forward pass, c = C, or C² for ``"full"``):
+    contraction ``evaluations·B·(1 + 2C)·f + 2·pairs·c·P`` where evaluations counts every block
+    feature evaluation of the schedule, including row Jacobians recomputed per column block under
+    parameter chunking (once per chunk); structured the same with each factored layer's
+    d_in·d_out parameters replaced by d_in + c·d_out; NTK-vector products ``2·pairs·C·f``.
+    """
+    layout = {"batch_size": batch_size, "memory_bytes": memory_bytes,
+              "param_chunk_size": param_chunk_size}  # fmt: skip
+    if implementation == "structured":
+        dense = problem.dense_layers()
+        return make_plan(problem, "structured", dense=dense, **layout)
+    if implementation != "auto":
+        return make_plan(problem, implementation, **layout)
+    if problem.projection_dim is not None:
+        return make_plan(problem, "jacobian", **layout)
+    candidates = [
+        make_plan(problem, name, **layout) for name in ("jacobian", "ntk_vector_products")
+    ]
+    dense = problem.dense_layers()
+    if dense:
+        candidates.append(make_plan(problem, "structured", dense=dense, **layout))
+    forward = problem.forward_flops()
+    costs = {plan.implementation: plan.cost(forward) for plan in candidates}
+    best = min(candidates, key=lambda plan: costs[plan.implementation])
+    logger.info(
+        "eNTK cost model (FLOPs): %s -> %s",
+        ", ".join(f"{name} {cost:.3g}" for name, cost in costs.items()),
+        best.implementation,
+    )
+    return best
+
+
+def _block_slices(n: int, block: int) -> list[slice]:
+    return [slice(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+# ------------------------------------------------------------------------------ compiled pieces
+
+_COMPILED: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_COMPILED_MAX = 32
+
+
+def cached(key: tuple, build: Callable[[], Callable]) -> Callable:
+    """Compiled per-block functions shared across calls with the same model and layout."""
+    try:
+        if key in _COMPILED:
+            _COMPILED.move_to_end(key)
+            return _COMPILED[key]
+    except TypeError:  # an unhashable part (e.g. an apply_fn closure object): no caching
+        return build()
+    _COMPILED[key] = fn = build()
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return fn
+
+
+def _model_key(problem: Problem) -> tuple:
+    avals = tuple((leaf.shape, str(leaf.dtype)) for leaf in problem.leaves)
+    return (problem.apply_fn, problem.treedef, avals, problem.num_outputs, problem.devices)
+
+
+def features_fn(plan: Plan, group: int) -> Callable:
+    """``fn(leaves, keys, x[B, ...]) -> Features`` of parameter group ``group``."""
+    p = plan.problem
+    dense = plan.dense if group == 0 else ()
+    leaf_group = plan.param_groups[group]
+    key = ("features", *_model_key(p), leaf_group, p.projection_dim, p.projection, dense)
+    return cached(key, lambda: _features.features_fn(
+        p.apply_fn, p.treedef, leaf_group, p.num_outputs, p.projection_dim, p.projection,
+        p.mesh, dense,
+    ))  # fmt: skip
+
+
+def contract_fn(plan: Plan, group: int = 0) -> Callable:
+    """``fn(rows: Features, cols: Features) -> block`` for parameter group ``group``."""
+    p = plan.problem
+    biases = tuple(layer.bias is not None for layer in plan.dense) if group == 0 else ()
+    key = ("contract", p.output, p.precision, p.devices, biases)
+    return cached(key, lambda: _features.contract_fn(p.output, p.precision, p.mesh, biases))
+
+
+def projection_keys(problem: Problem) -> jax.Array:
+    """One PRNG key per parameter leaf, so the map does not depend on the chunking."""
+    keys = jax.random.split(jax.random.PRNGKey(problem.projection_seed), len(problem.leaves))
+    return jax.device_put(keys, problem.replicated)
+
+
+# ---------------------------------------------------------------------------------- work units
+
+
+def jacobian_units(plan: Plan, units: list[Unit], *, done: set[int]) -> Iterator[tuple]:
+    """Yields ``(position, unit, {row block: kernel block})`` for every unit not in ``done``."""
+    p = plan.problem
+    leaves = list(p.leaves)
+    keys = projection_keys(p)
+    groups = range(len(plan.param_groups))
+    feature_fns = [features_fn(plan, g) for g in groups]
+    contracts = [contract_fn(plan, g) for g in groups]
+
+    def features(x: Any, rows: slice, group: int | None = None) -> Features:
+        block = p.put_block(x, rows, plan.block)
+        if group is not None or len(feature_fns) == 1:
+            return feature_fns[group or 0](leaves, keys, block)
+        (total,) = feature_fns[0](leaves, keys, block).leaves
+        for fn in feature_fns[1:]:  # projected features sum over parameter groups
+            total = total + fn(leaves, keys, block).leaves[0]
+        return Features(leaves=(total,))
+
+    def replicated(feats: Features) -> Features:
+        # A column block is gathered onto every device once and then contracted with each row
+        # block locally (a no-op on one device).
+        return jax.device_put(feats, p.replicated)
+
+    panel_positions = collections.defaultdict(list)
+    for position, unit in enumerate(units):
+        panel_positions[unit.panel].append(position)
+    panel_features: dict[int, Features] = {}
+    current_panel = None
+    for position, unit in enumerate(units):
+        if all(q in done for q in panel_positions[unit.panel]):
+            continue  # the whole panel was finished before a resume
+        rows = plan.panel_rows(unit)
+        if plan.chunked:
+            if position not in done:
+                yield (
+                    position,
+                    unit,
+                    _chunked_unit(plan, unit, rows, features, replicated, contracts),
+                )
+            continue
+        if unit.panel != current_panel:
+            current_panel, panel_features = unit.panel, {}
+        panel_end = min(unit.panel + plan.panel_blocks, len(plan.row_slices))
+        in_panel = p.symmetric and unit.column < panel_end
+        if in_panel:
+            # Symmetric: the column block is one of the panel's own row blocks; columns run
+            # left to right, so every row block of this unit is already in the panel. Done
+            # even for finished units, as later units need the features.
+            panel_features[unit.column] = features(p.x1, plan.row_slices[unit.column])
+        if position in done:
+            continue
+        if not p.symmetric and not panel_features:
+            for i in range(unit.panel, panel_end):
+                panel_features[i] = features(p.x1, plan.row_slices[i])
+        column = replicated(
+            panel_features[unit.column]
+            if in_panel
+            else features(p.x2, plan.col_slices[unit.column])
+        )
+        yield position, unit, {i: contracts[0](panel_features[i], column) for i in rows}
+        del column
+
+
+def _chunked_unit(plan, unit, rows, features, replicated, contracts) -> dict[int, jax.Array]:
+    """One unit accumulated over parameter chunks (a block's Jacobian does not fit)."""
+    p = plan.problem
+    (row,) = rows
+    total = None
+    for group in range(len(plan.param_groups)):
+        row_features = features(p.x1, plan.row_slices[row], group)
+        if p.symmetric and unit.column == row:
+            col_features = row_features
+        else:
+            col_features = features(p.x2, plan.col_slices[unit.column], group)
+        block = contracts[group](row_features, replicated(col_features))
+        total = block if total is None else total + block
+        del row_features, col_features
+    return {row: total}
+
+
+def products_units(plan: Plan, units: list[Unit], *, done: set[int]) -> Iterator[tuple]:
+    """Like :func:`jacobian_units` by NTK-vector products (VJP then JVP per block pair)."""
+    p = plan.problem
+    key = ("products", *_model_key(p))
+    products = cached(
+        key, lambda: _features.products_fn(p.apply_fn, p.treedef, p.num_outputs, p.mesh)
+    )
+    reduce = jax.jit({
+        "full": lambda k: k,
+        "trace": lambda k: jnp.einsum("ijcc->ij", k),
+        "diagonal": lambda k: jnp.einsum("ijcc->ijc", k),
+    }[p.output])  # fmt: skip
+    leaves = list(p.leaves)
+    for position, unit in enumerate(units):
+        if position in done:
+            continue
+        (row,) = plan.panel_rows(unit)
+        rows = p.put_block(p.x1, plan.row_slices[row], plan.block, sharded=False)
+        cols = p.put_block(p.x2, plan.col_slices[unit.column], plan.block)
+        yield position, unit, {row: reduce(products(leaves, rows, cols))}
