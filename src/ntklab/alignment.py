@@ -1,38 +1,80 @@
-"""Kernel alignment without the kernel: Rayleigh quotients φᵀKφ/‖φ‖² of the empirical NTK.
+"""Kernel alignment: Rayleigh quotients φᵀKφ/‖φ‖² of the empirical NTK, at about one kernel's cost.
 
-Dimensions: N examples (N_train first, then N_test), k vectors, m vectors per chunk, B examples
-per batch, P parameters.
+Dimensions: N examples (N_train first, then N_test), k vectors, m vectors per product, B examples
+per block, P parameters.
 
+    indices = aligned_indices(None, num_available=200, label_idx=3)   # all 200, clamped if more
     quotients = rayleigh_quotients(apply_fn, params, x, eigvecs, num_train=n)
     # x [N, H, W, C], eigvecs [k, N] -> {"train": [k], "test": [k], "all": [k]}
 
-For a scalar-output network with Jacobian J [N, P], K = J Jᵀ, so φᵀKφ = ‖Jᵀφ‖². One VJP of the
-outputs with the cotangent φ gives Jᵀφ without forming J; summed over batches of B examples and
-vmapped over a chunk of m vectors it gives Jᵀ[φ_1 … φ_m] [m, P]. K is never built: memory is
-O(m·P) plus one batch's activations, whatever N (``vector_batch_size`` bounds m, e.g. 8 × 11 M
-floats for ResNet-18). With ``num_train`` each vector is also restricted to the train and the test
-rows, giving the quotients of the kernel's train and test blocks, K[train, train] and
-K[test, test]; "all" uses the whole kernel (Jᵀφ = J_trainᵀφ_train + J_testᵀφ_test).
+Two methods, both on the engine's shared feature backend (sharded over all devices, Dense layers
+factored where proven exact):
+
+- ``"kernel"``: the N×N kernel is computed once with :func:`ntklab.ntk.empirical_ntk` and every
+  quotient is read off it (φᵀKφ for all k vectors is one [k, N] × [N, N] product). Chosen by
+  ``"auto"`` when the kernel fits the memory budget; its cost is one kernel.
+- ``"operator"``: the matrix-free :class:`ntklab.ntk.KernelOperator` applied to blocks of m
+  vectors, each split into its train and test rows: K[φ_tr; 0] and K[0; φ_te] give the
+  quotients of K[train, train], K[test, test] and, with the cross term, of the whole K. Memory
+  O(m·P) plus one block's features, whatever N.
 
 For the kernel at the end of training pass the trained parameters and, for BatchNorm networks,
 an ``apply_fn`` in inference mode with the **trained** running statistics
-(``ntklab.models.inference_apply_fn(model, {"batch_stats": trained_stats})``).
+(``ntklab.models.inference_apply_fn(model, {"batch_stats": trained_stats})``). For C > 1
+outputs the quotients are those of the trace kernel Σ_c Θ[:, :, c, c].
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import math
+import time
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
+from ntklab.ntk import KernelOperator, empirical_ntk
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
 
-__all__ = ["rayleigh_quotients"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "aligned_indices", "rayleigh_quotients"]
+
+METHODS: tuple[str, ...] = ("auto", "kernel", "operator")
+
+
+def aligned_indices(num_eigvecs: int | None, *, num_available: int, label_idx: int) -> np.ndarray:
+    """Indices of the eigenvectors to align: the first ``num_eigvecs`` and ``label_idx``.
+
+    Args:
+      num_eigvecs: how many leading eigenvectors; None means all ``num_available``. A larger
+        request is clamped to ``num_available`` with a log line.
+      num_available: eigenvectors the run has.
+      label_idx: the trained eigenvector, always included.
+
+    Returns:
+      Sorted indices [k], int.
+
+    Raises:
+      ValueError: ``num_eigvecs`` < 1 or ``label_idx`` outside [0, num_available).
+    """
+    if not 0 <= label_idx < num_available:
+        raise ValueError(f"label_idx={label_idx} must be in 0..{num_available - 1}")
+    if num_eigvecs is None:
+        num_eigvecs = num_available
+    if isinstance(num_eigvecs, bool) or not isinstance(num_eigvecs, int) or num_eigvecs < 1:
+        raise ValueError(
+            f"alignment num_eigvecs must be a positive integer or None, got {num_eigvecs!r}"
+        )
+    if num_eigvecs > num_available:
+        logger.info(
+            "alignment: %d eigenvectors requested, the run has %d: aligning all %d",
+            num_eigvecs, num_available, num_available,
+        )  # fmt: skip
+        num_eigvecs = num_available
+    return np.array(sorted(set(range(num_eigvecs)) | {label_idx}))
 
 
 def rayleigh_quotients(
@@ -44,123 +86,120 @@ def rayleigh_quotients(
     num_train: int | None = None,
     batch_size: int = 128,
     vector_batch_size: int = 8,
+    method: Literal["auto", "kernel", "operator"] = "auto",
+    memory_bytes: int | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Rayleigh quotients ``φᵀKφ / ‖φ‖²`` of the eNTK K of a scalar-output model, matrix-free.
+    """Rayleigh quotients ``φᵀKφ / ‖φ‖²`` of the eNTK K (see the module docstring).
 
     Args:
-      apply_fn: ``apply_fn(params, x[B, ...]) -> outputs [B, 1]``, BatchNorm in inference mode.
+      apply_fn: ``apply_fn(params, x[B, ...]) -> outputs [B, C]``, BatchNorm in inference mode.
       params: parameters at which the kernel is taken.
       x: inputs [N, ...], in the order of the vectors' entries.
       vectors: vectors [k, N], one per row (e.g. the initial eigenvectors).
       num_train: if given, rows ``[:num_train]`` are the train part and the rest the test part,
         and the quotients of both diagonal blocks are returned too.
-      batch_size: examples per VJP.
-      vector_batch_size: vectors per VJP (m); memory grows as m·P.
-      progress: show a progress bar.
+      batch_size: examples per block of the engine.
+      vector_batch_size: vectors per operator product (m); memory grows as m·P.
+      method: ``"kernel"``, ``"operator"`` or ``"auto"`` (the kernel when N×N float64 fits
+        ``memory_bytes``).
+      memory_bytes: budget; None: a quarter of host RAM (or half the accelerator's memory).
+      progress: show progress bars.
 
     Returns:
       ``{"all": [k]}``, plus ``"train": [k]`` and ``"test": [k]`` with ``num_train``; float64.
       A vector that is zero on a part gives NaN there.
 
     Raises:
-      ValueError: shapes that do not match, ``num_train`` outside [1, N − 1], a model with more
-        than one output, or non-positive batch sizes.
+      ValueError: shapes that do not match, ``num_train`` outside [1, N − 1], an unknown method
+        or non-positive batch sizes.
     """
     vectors = np.asarray(vectors)
-    num_samples = len(x)
-    if vectors.ndim != 2 or vectors.shape[1] != num_samples:
-        raise ValueError(
-            f"vectors must be [k, N] with N = len(x) = {num_samples}, got {vectors.shape}"
-        )
-    if num_train is not None and not 1 <= num_train < num_samples:
-        raise ValueError(f"num_train={num_train} must be between 1 and N - 1 = {num_samples - 1}")
+    n = len(x)
+    if vectors.ndim != 2 or vectors.shape[1] != n:
+        raise ValueError(f"vectors must be [k, N] with N = len(x) = {n}, got {vectors.shape}")
+    if num_train is not None and not 1 <= num_train < n:
+        raise ValueError(f"num_train={num_train} must be between 1 and N - 1 = {n - 1}")
     for name, value in (("batch_size", batch_size), ("vector_batch_size", vector_batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-    segments = {"all": slice(0, num_samples)}
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown alignment method {method!r}; valid choices: {', '.join(METHODS)}"
+        )
+    if memory_bytes is None:
+        from ntklab.ntk._schedule import default_memory_bytes
+
+        memory_bytes = default_memory_bytes(jax.devices()[0])
+    kernel_bytes = 2 * n * n * 8  # the kernel and its float64 copy
+    if method == "auto":
+        method = "kernel" if kernel_bytes <= memory_bytes else "operator"
+    split = num_train if num_train is not None else n
+    logger.info(
+        "alignment: %d vectors, N=%d (%d train), method %s (N×N kernel %.3g GB, budget %.3g GB)",
+        len(vectors), n, split, method, kernel_bytes / 1e9, memory_bytes / 1e9,
+    )  # fmt: skip
+    start = time.perf_counter()
+    phi = vectors.astype(np.float64)
+    if method == "kernel":
+        kernel = empirical_ntk(apply_fn, params, x, batch_size=batch_size, progress=progress)
+        numerators = _from_kernel(np.asarray(kernel, np.float64), phi, split)
+    else:
+        numerators = _from_operator(
+            KernelOperator(apply_fn, params, x, batch_size=batch_size), phi, split,
+            vector_batch_size, progress,
+        )  # fmt: skip
+    parts = {"all": slice(0, n)}
     if num_train is not None:
-        segments = {"train": slice(0, num_train), "test": slice(num_train, num_samples)}
-    dtype = jax.tree.leaves(params)[0].dtype
-    fn = apply_fn if isinstance(apply_fn, Partial) else Partial(apply_fn)
-    num_vectors = len(vectors)
-    num_chunks = math.ceil(num_vectors / vector_batch_size)
-    batches = {
-        name: _padded_batches(np.asarray(x)[rows], batch_size) for name, rows in segments.items()
-    }
-    bar = progress_bar(
-        total=num_chunks * sum(len(b) for b in batches.values()),
-        desc="alignment",
-        unit="batch",
-        enabled=progress,
-    )
-    squares: dict[str, list[np.ndarray]] = {name: [] for name in (*segments, "all")}
-    try:
-        for start in range(0, num_vectors, vector_batch_size):
-            chunk = np.zeros((vector_batch_size, num_samples), dtype)
-            chunk[: min(vector_batch_size, num_vectors - start)] = vectors[
-                start : start + vector_batch_size
-            ]
-            sums = {}
-            for name, rows in segments.items():
-                phi = _padded_rows(chunk[:, rows], batch_size)
-                total = jax.tree.map(
-                    lambda p: jnp.zeros((vector_batch_size, *p.shape), p.dtype), params
-                )
-                for index, x_batch in enumerate(batches[name]):
-                    phi_batch = phi[:, index * batch_size : (index + 1) * batch_size]
-                    total = _accumulate(fn, params, total, x_batch, phi_batch)
-                    bar.update(1)
-                sums[name] = total
-                squares[name].append(np.asarray(_squared_norms(total)))
-            if num_train is not None:
-                squares["all"].append(
-                    np.asarray(_squared_norms_of_sum(sums["train"], sums["test"]))
-                )
-    finally:
-        bar.close()
+        parts = {"train": slice(0, split), "test": slice(split, n), "all": slice(0, n)}
     result = {}
-    for name, rows in {**segments, "all": slice(0, num_samples)}.items():
-        numerator = np.concatenate(squares[name])[:num_vectors].astype(np.float64)
-        denominator = np.sum(vectors[:, rows].astype(np.float64) ** 2, axis=1)
+    for name, rows in parts.items():
+        denominator = np.sum(phi[:, rows] ** 2, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            result[name] = np.where(denominator > 0, numerator / denominator, np.nan)
+            result[name] = np.where(denominator > 0, numerators[name] / denominator, np.nan)
+    logger.info("alignment: %d quotients by %s in %.2f s", len(vectors), method,
+                time.perf_counter() - start)  # fmt: skip
     return result
 
 
-def _padded_batches(x: np.ndarray, batch_size: int) -> list[jax.Array]:
-    """``x`` [n, ...] as batches [B, ...], the last one padded with zeros."""
-    padded = _padded_rows(x, batch_size, axis=0)
-    return [jnp.asarray(b) for b in np.split(padded, len(padded) // batch_size)]
+def _from_kernel(kernel: np.ndarray, phi: np.ndarray, split: int) -> dict[str, np.ndarray]:
+    """φᵀKφ of the train, test and whole kernel for phi [k, N]."""
+    tr, te = phi[:, :split], phi[:, split:]
+    train = np.einsum("ki,ki->k", tr @ kernel[:split, :split], tr)
+    if split == kernel.shape[0]:
+        return {"all": train}
+    test = np.einsum("ki,ki->k", te @ kernel[split:, split:], te)
+    cross = np.einsum("ki,ki->k", tr @ kernel[:split, split:], te)
+    return {"train": train, "test": test, "all": train + test + 2 * cross}
 
 
-def _padded_rows(a: np.ndarray, batch_size: int, axis: int = 1) -> np.ndarray:
-    """Pads ``a`` with zeros along ``axis`` to a positive multiple of ``batch_size``."""
-    size = a.shape[axis]
-    target = max(1, math.ceil(size / batch_size)) * batch_size
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, target - size)
-    return np.pad(a, widths)
-
-
-@functools.partial(jax.jit, donate_argnums=2)
-def _accumulate(fn: Partial, params: PyTree, total: PyTree, x: jax.Array, phi: jax.Array) -> PyTree:
-    """``total + J(x)ᵀ φ`` for a chunk: x [B, ...], φ [m, B] -> total [m, P] (as a pytree)."""
-    outputs, vjp_fn = jax.vjp(lambda p: fn(p, x), params)
-    if outputs.ndim != 2 or outputs.shape[1] != 1:
-        raise ValueError(f"alignment needs a scalar-output model ([B, 1]), got {outputs.shape}")
-    (products,) = jax.vmap(vjp_fn)(phi[:, :, None].astype(outputs.dtype))
-    return jax.tree.map(jnp.add, total, products)
-
-
-@jax.jit
-def _squared_norms(tree: PyTree) -> jax.Array:
-    """Row-wise ‖·‖² [m] of a pytree of [m, ...] arrays."""
-    return sum(
-        jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in jax.tree.leaves(tree)
-    )
-
-
-@jax.jit
-def _squared_norms_of_sum(a: PyTree, b: PyTree) -> jax.Array:
-    return _squared_norms(jax.tree.map(jnp.add, a, b))
+def _from_operator(
+    operator: KernelOperator, phi: np.ndarray, split: int, width: int, progress: bool
+) -> dict[str, np.ndarray]:
+    """The same from products K[φ_tr; 0] and K[0; φ_te] in blocks of ``width`` vectors."""
+    k, n = phi.shape
+    parts: dict[str, list[np.ndarray]] = {"train": [], "test": [], "all": []}
+    bar = progress_bar(total=math.ceil(k / width), desc="alignment", unit="block",
+                       enabled=progress)  # fmt: skip
+    try:
+        for first in range(0, k, width):
+            block = phi[first : first + width]
+            if split == n:
+                parts["all"].append(np.einsum("ki,ik->k", block, operator.matmat(block.T)))
+                bar.update(1)
+                continue
+            masked = np.zeros((n, 2 * len(block)))
+            masked[:split, : len(block)] = block[:, :split].T
+            masked[split:, len(block) :] = block[:, split:].T
+            product = operator.matmat(masked)
+            k_tr, k_te = product[:, : len(block)], product[:, len(block) :]
+            train = np.einsum("ik,ik->k", masked[:, : len(block)], k_tr)
+            test = np.einsum("ik,ik->k", masked[:, len(block) :], k_te)
+            cross = np.einsum("ik,ik->k", masked[:, : len(block)], k_te)
+            parts["train"].append(train)
+            parts["test"].append(test)
+            parts["all"].append(train + test + 2 * cross)
+            bar.update(1)
+    finally:
+        bar.close()
+    return {name: np.concatenate(values) for name, values in parts.items() if values}
