@@ -243,6 +243,11 @@ def test_invalid_inputs_are_clear_errors(digits, mlp):
         TrainConfig.from_mapping({"lr": 0.1})
     with pytest.raises(ValueError, match=r"train\.batch_size must be an integer >= 1"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"train\.checkpoint_every must be null .* or an integer"):
+        TrainConfig(checkpoint_every=0)
+    assert TrainConfig(epochs=95).checkpoint_interval() == 10  # about 10%
+    assert TrainConfig(epochs=3).checkpoint_interval() == 1
+    assert TrainConfig(epochs=95, checkpoint_every=7).checkpoint_interval() == 7
     common = {**digits, "config": TrainConfig(epochs=1), "seed": 0, "run_dir": None}
     apply_fn = inference_apply_fn(model, variables)
     with pytest.raises(ValueError, match="give exactly one of apply_fn"):

@@ -32,6 +32,27 @@ and reused by later fits with the same options and model functions). Each epoch 
 of an epoch may be smaller (no sample dropped; one extra compilation). Evaluation covers every
 sample of both sets in padded, masked batches of one shape, in inference mode.
 
+**Checkpoints and resume.** With ``checkpoint_dir``, the state (params, batch_stats, optimizer
+state, step), the epoch and the metric history are checkpointed every ``checkpoint_every`` epochs
+and after the last (``ntklab.train_checkpoint``: atomic, checksummed flax msgpack, the newest two
+kept). A later fit with the same arguments resumes from the newest sound checkpoint (a damaged one
+is logged and skipped) and ends with the same parameters, bit for bit, as an uninterrupted run:
+the epoch order is a pure function of (seed, epoch). A checkpoint of another training identity
+(config, seed, data, starting parameters, model program) is refused.
+
+**Finiteness.** Non-finite inputs or labels are refused up front. Each step returns a flag, computed
+inside the jitted step, that its loss and updated parameters and statistics are all finite; the
+flags are read once per epoch (no extra synchronization) and a false one stops training with the
+step named, before any checkpoint of the damaged state is written.
+
+**Data parallel.** Training and evaluation run on ``devices`` (default ``jax.local_devices()``):
+with more than one, on a one-axis mesh, the state replicated and every batch sharded along the
+batch axis (``NamedSharding``). Under jit the batch mean that BatchNorm takes over a sharded batch
+is the global one, so running statistics equal those of one device. A train batch whose size is
+not a multiple of the device count is padded with masked examples (they add nothing to the loss);
+for a network with BatchNorm, whose batch statistics the padding would change, such a batch is
+instead replicated on every device (exact; choose ``batch_size`` a multiple of the device count).
+
 **Losses.** ``bce``: sigmoid binary cross-entropy of the logit against labels in {0, 1}; a sample
 is correct when ``(logit > 0) == label``. ``mse``: ``(output − label)² / 2`` (so full-batch gradient
 descent is ``θ ← θ − lr/N · Jᵀ(f − y)``), correct when ``(output > 1/2) == label``. Batch losses
@@ -49,20 +70,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ntklab import artifacts
 from ntklab.progress import progress_bar
+from ntklab.train_checkpoint import CheckpointStore, tree_digest
 from ntklab.train_steps import (
     LOSSES,
     LR_SCHEDULES,
@@ -131,20 +155,89 @@ class FitResult:
     state: TrainState
 
 
+class _Placement:
+    """Where arrays go: one device as JAX chooses, or a one-axis mesh with sharded batches.
+
+    Args:
+      devices: the devices to train on (None: ``jax.local_devices()``).
+      batch_norm: the model updates BatchNorm statistics in training mode (so a train batch
+        must not be padded: it is replicated instead when its size does not divide).
+    """
+
+    def __init__(self, devices: Sequence[jax.Device] | None, *, batch_norm: bool):
+        devices = list(jax.local_devices() if devices is None else devices)
+        if not devices:
+            raise ValueError("devices is empty; give at least one device (or None for all local)")
+        self.num_devices = len(devices)
+        self.batch_norm = batch_norm
+        self.mesh = None
+        if self.num_devices > 1 or devices[0] != jax.devices()[0]:
+            self.mesh = Mesh(np.array(devices), ("batch",))
+            self._replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._sharded = NamedSharding(self.mesh, PartitionSpec("batch"))
+        self._warned = False
+
+    def state(self, tree: PyTree) -> PyTree:
+        """Device arrays of ``tree``, replicated over the mesh."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree, self._replicated)
+
+    def eval_batch_size(self, batch_size: int) -> int:
+        """``batch_size`` rounded up to a multiple of the device count."""
+        return -(-batch_size // self.num_devices) * self.num_devices
+
+    def eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """An evaluation batch (size a multiple of the device count), sharded."""
+        if self.mesh is None:
+            return {name: jnp.asarray(value) for name, value in batch.items()}
+        return jax.device_put(batch, self._sharded)
+
+    def train_batch(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """A train batch ``{"x" [B, ...], "y" [B]}`` placed for the step (see the module docstring)."""
+        if self.mesh is None:
+            return {"x": x, "y": y}
+        size = len(x)
+        padding = -size % self.num_devices
+        if not padding:
+            return jax.device_put({"x": x, "y": y}, self._sharded)
+        if self.batch_norm:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "a train batch of %d examples does not divide over %d devices; with "
+                    "BatchNorm it runs replicated on every device (exact, not parallel): choose "
+                    "train.batch_size (and N_train) a multiple of %d",
+                    size,
+                    self.num_devices,
+                    self.num_devices,
+                )
+            return jax.device_put({"x": x, "y": y}, self._replicated)
+        batch = {
+            "x": np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)]),
+            "y": np.concatenate([y, np.zeros(padding, y.dtype)]),
+            "mask": np.arange(size + padding) < size,
+        }
+        return jax.device_put(batch, self._sharded)
+
+
 class _Evaluator:
     """Loss and accuracy of one labelled set, in padded masked batches of one shape."""
 
-    def __init__(self, eval_step: Callable, x: np.ndarray, y: np.ndarray, batch_size: int):
+    def __init__(
+        self,
+        eval_step: Callable,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        placement: _Placement,
+    ):
         self.size = len(x)
         num_batches = max(1, math.ceil(self.size / batch_size))
         padding = num_batches * batch_size - self.size
         pad = lambda a: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)])  # noqa: E731
         self._batches = [
-            {
-                "x": jnp.asarray(xb),
-                "y": jnp.asarray(yb),
-                "mask": jnp.asarray(mb),
-            }
+            placement.eval_batch({"x": xb, "y": yb, "mask": mb})
             for xb, yb, mb in zip(
                 np.split(pad(x), num_batches),
                 np.split(pad(y), num_batches),
@@ -188,6 +281,9 @@ def fit(
     evaluators: dict[str, Evaluator] | None = None,
     eval_apply_fn: EvalApplyFn | None = None,
     desc: str = "train",
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> FitResult:
     """Trains a network or a stateless model (e.g. a linearization) on binary labels.
 
@@ -198,9 +294,9 @@ def fit(
         ``(params, batch_stats, x[B, ...]) -> ([B, 1], new_batch_stats)``.
       params: starting parameters (copied: the caller's arrays are never donated).
       batch_stats: starting BatchNorm running averages; ``{}`` (or None) without BatchNorm.
-      x_train: train inputs [N_train, ...].
+      x_train: train inputs [N_train, ...], finite.
       y_train: train labels [N_train], 0/1 floats.
-      x_test: test inputs [N_test, ...] (may be empty).
+      x_test: test inputs [N_test, ...] (may be empty), finite.
       y_test: test labels [N_test].
       config: hyperparameters.
       seed: seeds the per-epoch shuffles (``fold_in(PRNGKey(seed), epoch)``).
@@ -212,27 +308,40 @@ def fit(
       eval_apply_fn: inference-mode network ``(params, batch_stats, x) -> [B, 1]``, needed with
         ``train_apply_fn`` when the model has BatchNorm.
       desc: progress-bar label.
+      checkpoint_dir: folder for checkpoints; a fit with the same arguments resumes from the
+        newest sound one there. None: no checkpoints.
+      checkpoint_every: epochs between checkpoints; None: ``config.checkpoint_every`` (whose
+        None means about every 10% of the run).
+      devices: devices to shard each batch over (None: ``jax.local_devices()``).
 
     Returns:
       The trained parameters, statistics, per-epoch history and final metrics.
 
     Raises:
-      ValueError: not exactly one model function, inconsistent shapes or labels not in {0, 1},
-        a BatchNorm network without ``eval_apply_fn``, or outputs that are not one logit.
-      FloatingPointError: the training loss became non-finite (the message names the epoch).
+      ValueError: not exactly one model function, inconsistent shapes, non-finite inputs, labels
+        not in {0, 1}, a BatchNorm network without ``eval_apply_fn``, or outputs that are not one
+        logit.
+      FileExistsError: ``checkpoint_dir`` holds a checkpoint of another training run.
+      FloatingPointError: the training loss or a parameter became non-finite (the message names
+        the step and the epoch).
     """
     batch_stats = {} if batch_stats is None else batch_stats
+    if checkpoint_every is not None:
+        config = dataclasses.replace(config, checkpoint_every=checkpoint_every)
     train, infer = model_fns(apply_fn, train_apply_fn, eval_apply_fn, batch_stats)
     x_train, y_train, x_test, y_test = _check_data(x_train, y_train, x_test, y_test)
+    placement = _Placement(
+        devices, batch_norm=train_apply_fn is not None and bool(jax.tree.leaves(batch_stats))
+    )
     num_train = len(x_train)
     steps_per_epoch = math.ceil(num_train / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    compiled = compiled_steps(config, total_steps)
+    compiled = compiled_steps(config, total_steps, placement.mesh)
     train_step = functools.partial(compiled.train_step, train)
     eval_step = functools.partial(compiled.eval_step, infer)
-    eval_batch = min(config.eval_batch_size, max(num_train, len(x_test)))
-    evaluate_train = _Evaluator(eval_step, x_train, y_train, eval_batch)
-    evaluate_test = _Evaluator(eval_step, x_test, y_test, eval_batch)
+    eval_batch = placement.eval_batch_size(min(config.eval_batch_size, max(num_train, len(x_test))))
+    evaluate_train = _Evaluator(eval_step, x_train, y_train, eval_batch, placement)
+    evaluate_test = _Evaluator(eval_step, x_test, y_test, eval_batch, placement)
     evaluators = dict(evaluators or {})
 
     state, start_params = compiled.initial_state(params, batch_stats)
@@ -240,28 +349,54 @@ def fit(
     if run_dir is not None:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+    store = None
+    start_epoch, elapsed_before = 0, 0.0
+    restored = None
+    if checkpoint_dir is not None and config.epochs:
+        identity = _identity(
+            config, seed, train, infer, params, batch_stats, (x_train, y_train, x_test, y_test)
+        )
+        store = CheckpointStore(checkpoint_dir, identity)
+        restored = store.restore(state)
+    if restored is not None:
+        state = placement.state(restored.state)
+        history, start_epoch, elapsed_before = restored.history, restored.epoch, restored.elapsed_s
+        logger.info(
+            "%s: resumed from epoch %d of %d (%s)", desc, start_epoch, config.epochs, restored.path
+        )
+    else:
+        history = [_record(0, 0, None, None, state, evaluate_train, evaluate_test, 0.0)]
+    every = config.checkpoint_interval()
+    saved_epoch = start_epoch if restored is not None else None
 
     tic = time.perf_counter()
-    history = [_record(0, 0, None, None, state, evaluate_train, evaluate_test, 0.0)]
-    bar = progress_bar(total=config.epochs, desc=desc, unit="epoch", enabled=progress)
+    bar = progress_bar(total=config.epochs - start_epoch, desc=desc, unit="epoch", enabled=progress)
+    epoch = start_epoch
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_tic = time.perf_counter()
             order = _epoch_order(key, epoch, num_train)
-            batch_losses = []
+            batch_losses, finite = [], []
             for start in range(0, num_train, config.batch_size):
                 index = order[start : start + config.batch_size]
-                state, metrics = train_step(state, {"x": x_train[index], "y": y_train[index]})
+                batch = placement.train_batch(x_train[index], y_train[index])
+                state, metrics = train_step(state, batch)
                 batch_losses.append(metrics["train/batch_loss"])
+                finite.append(metrics["train/finite"])
                 lr = metrics["train/lr"]
-            sizes = np.diff([*range(0, num_train, config.batch_size), num_train])
-            batch_loss = float(np.dot(jax.device_get(batch_losses), sizes)) / num_train
-            if not math.isfinite(batch_loss):
-                first = (epoch - 1) * steps_per_epoch
+            losses, finite = jax.device_get((batch_losses, finite))
+            first = (epoch - 1) * steps_per_epoch + 1
+            if not all(finite):
+                bad = int(np.argmin(finite))
                 raise FloatingPointError(
-                    f"non-finite training loss {batch_loss} in epoch {epoch} (steps {first}-"
-                    f"{first + steps_per_epoch - 1}); lower train.max_lr={config.max_lr}"
+                    f"non-finite training loss or parameters in epoch {epoch}: first after step "
+                    f"{first + bad} (the epoch's steps are {first}-{epoch * steps_per_epoch}), "
+                    f"batch loss {float(losses[bad])}; lower train.max_lr={config.max_lr} or check "
+                    "the model"
+                    + (f"; the checkpoint of epoch {saved_epoch} is intact" if saved_epoch else "")
                 )
+            sizes = np.diff([*range(0, num_train, config.batch_size), num_train])
+            batch_loss = float(np.dot(losses, sizes)) / num_train
             step = epoch * steps_per_epoch
             record = _record(
                 epoch,
@@ -278,6 +413,10 @@ def fit(
             history.append(record)
             if run_dir is not None:
                 _write_history(run_dir / METRICS_LOG, history)
+            if store is not None and (epoch % every == 0 or epoch == config.epochs):
+                elapsed = elapsed_before + time.perf_counter() - tic
+                store.save(epoch, state, history, elapsed_s=elapsed)
+                saved_epoch = epoch
             logger.info("epoch %d/%d: %s", epoch, config.epochs, _short(record))
             bar.update(
                 1,
@@ -285,6 +424,20 @@ def fit(
                 train_acc=f"{record['train/acc']:.3f}",
                 test_acc=f"{record['test/acc']:.3f}",
             )
+    except KeyboardInterrupt:
+        if store is None:
+            logger.warning("%s interrupted in epoch %d/%d", desc, epoch, config.epochs)
+        else:
+            logger.warning(
+                "%s interrupted in epoch %d/%d; %s: rerunning the same command resumes",
+                desc,
+                epoch,
+                config.epochs,
+                f"the checkpoint of epoch {saved_epoch} is in {checkpoint_dir}"
+                if saved_epoch
+                else f"no checkpoint written yet (every {every} epochs)",
+            )
+        raise
     finally:
         bar.close()
 
@@ -292,7 +445,7 @@ def fit(
     if not (config.evaluate_every and config.epochs and config.epochs % config.evaluate_every == 0):
         final.update(_run_evaluators(evaluators, state))
     final["param_distance_sq"] = _distance_sq(state.params, start_params)
-    final["wall_time_s"] = time.perf_counter() - tic
+    final["wall_time_s"] = elapsed_before + time.perf_counter() - tic
     if run_dir is not None:
         _write_history(run_dir / METRICS_LOG, history)
         artifacts.save_params(
@@ -306,6 +459,42 @@ def fit(
         final=final,
         state=state,
     )
+
+
+def _identity(
+    config: TrainConfig,
+    seed: int,
+    train: Callable,
+    infer: Callable,
+    params: PyTree,
+    batch_stats: PyTree,
+    data: tuple[np.ndarray, ...],
+) -> dict[str, Any]:
+    """Everything that determines a run's results, for its checkpoints.
+
+    The model enters as a digest of its lowered train and inference programs on one example (so
+    another activation, or other closed-over statistics, is another run); the checkpoint cadence,
+    the devices and the progress options do not enter.
+    """
+    x_one = jnp.asarray(data[0][:1])
+    lower = jax.jit(lambda function, *args: function(*args)).lower
+    programs = hashlib.sha256()
+    for function in (train, infer):
+        programs.update(lower(function, params, batch_stats, x_one).as_text().encode())
+    options = dataclasses.asdict(config)
+    options.pop("checkpoint_every")
+    return {
+        "train": options,
+        "seed": seed,
+        "prng_impl": str(jax.config.jax_default_prng_impl),
+        "data": {
+            name: artifacts.array_digest(array)
+            for name, array in zip(("x_train", "y_train", "x_test", "y_test"), data, strict=True)
+        },
+        "params": tree_digest(params),
+        "batch_stats": tree_digest(batch_stats),
+        "model": programs.hexdigest(),
+    }
 
 
 def _epoch_order(key: jax.Array, epoch: int, num_train: int) -> np.ndarray:
@@ -325,6 +514,8 @@ def _check_data(
     x_train, y_train, x_test, y_test = arrays
     if not len(x_train):
         raise ValueError("x_train is empty; the trainer needs at least one train example")
+    for name, array in zip(("x_train", "y_train", "x_test", "y_test"), arrays, strict=True):
+        _check_finite(name, array)
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"y_{name} must be [N_{name}] = [{len(x)}], got shape {y.shape}")
@@ -334,6 +525,22 @@ def _check_data(
         raise ValueError(f"x_train {x_train.shape} and x_test {x_test.shape} differ per example")
     dtype = x_train.dtype if np.issubdtype(x_train.dtype, np.floating) else np.float32
     return x_train, y_train.astype(dtype), x_test.astype(x_train.dtype), y_test.astype(dtype)
+
+
+def _check_finite(name: str, array: np.ndarray, rows: int = 4096) -> None:
+    """Raises ValueError naming ``name`` and its first non-finite element (checked in row chunks)."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    for start in range(0, len(array), rows):
+        bad = ~np.isfinite(array[start : start + rows])
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            index = (index[0] + start, *index[1:])
+            raise ValueError(
+                f"{name} holds non-finite values ({int(bad.sum())} in rows {start}-"
+                f"{start + len(bad) - 1}), the first {array[index]} at index {index}; the trainer "
+                "accepts only finite inputs and labels"
+            )
 
 
 def _record(

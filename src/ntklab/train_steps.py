@@ -25,6 +25,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.tree_util import Partial
 
 from ntklab.types import ApplyFn, PyTree
@@ -72,6 +73,9 @@ class TrainConfig:
       loss: one of ``LOSSES``.
       eval_batch_size: examples per evaluation batch (padded and masked, every sample counted).
       evaluate_every: also run the ``evaluators`` every this many epochs (0: only at the end).
+      checkpoint_every: with a checkpoint folder, save a checkpoint every this many epochs and
+        after the last; None: about every 10% of the run (``max(1, round(epochs / 10))``).
+        Does not change results.
     """
 
     epochs: int = 100
@@ -84,6 +88,7 @@ class TrainConfig:
     loss: str = "bce"
     eval_batch_size: int = 1024
     evaluate_every: int = 0
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -105,10 +110,24 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
+        every = self.checkpoint_every
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(
+                f"train.checkpoint_every must be null (about every 10% of the run) or an integer "
+                f">= 1, got {every!r}"
+            )
         for name in ("max_lr", "momentum", "weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+
+    def checkpoint_interval(self) -> int:
+        """Epochs between checkpoints: ``checkpoint_every``, or about 10% of ``epochs``."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return max(1, round(self.epochs / 10))
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> TrainConfig:
@@ -287,10 +306,23 @@ def _single_logit(outputs: jax.Array) -> jax.Array:
     return outputs[:, 0]
 
 
+def _all_finite(*trees: PyTree) -> jax.Array:
+    """One bool scalar: every floating-point element of ``trees`` is finite."""
+    flags = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(trees)
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
 def _train_step(train, state, batch, *, optimizer, schedule, loss):
     def objective(params):
         outputs, batch_stats = train(params, state.batch_stats, batch["x"])
         losses, _ = loss(_single_logit(outputs), batch["y"])
+        if "mask" in batch:  # padded to a multiple of the device count: padding does not count
+            mask = batch["mask"]
+            return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.sum(mask), batch_stats
         return jnp.mean(losses), batch_stats
 
     (value, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -301,7 +333,12 @@ def _train_step(train, state, batch, *, optimizer, schedule, loss):
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
-    return new_state, {"train/batch_loss": value, "train/lr": schedule(state.step)}
+    metrics = {
+        "train/batch_loss": value,
+        "train/lr": schedule(state.step),
+        "train/finite": _all_finite(value, new_state.params, new_state.batch_stats),
+    }
+    return new_state, metrics
 
 
 def train_step_fn(
@@ -323,7 +360,8 @@ def train_step_fn(
       total_steps: the schedule's length.
 
     Returns:
-      ``step(state, {"x": [B, ...], "y": [B]}) -> (state, {"train/batch_loss", "train/lr"})``.
+      ``step(state, {"x": [B, ...], "y": [B]}) -> (state, metrics)``: ``train/batch_loss``,
+      ``train/lr`` and ``train/finite`` (loss and updated parameters and statistics all finite).
     """
     train, _ = model_fns(apply_fn, train_apply_fn, None, {})
     return functools.partial(compiled_steps(config, total_steps).train_step, train)
@@ -344,14 +382,26 @@ class CompiledSteps(NamedTuple):
     initial_state: Callable
 
 
-def compiled_steps(config: TrainConfig, total_steps: int) -> CompiledSteps:
-    """The jitted functions for ``config`` (cached; see :func:`_compiled_steps`)."""
-    key = dataclasses.replace(config, epochs=0, eval_batch_size=1, evaluate_every=0)
-    return _compiled_steps(key, total_steps)
+def compiled_steps(
+    config: TrainConfig, total_steps: int, mesh: Mesh | None = None
+) -> CompiledSteps:
+    """The jitted functions for ``config`` (cached; see :func:`_compiled_steps`).
+
+    Args:
+      config: optimizer, schedule and loss (the other fields do not change the compiled code).
+      total_steps: the schedule's length.
+      mesh: a one-axis device mesh (axis ``"batch"``) for data-parallel training: the state and
+        every output are replicated over it, batches come sharded along its axis. None: one
+        device, placements left to JAX.
+    """
+    key = dataclasses.replace(
+        config, epochs=0, eval_batch_size=1, evaluate_every=0, checkpoint_every=None
+    )
+    return _compiled_steps(key, total_steps, mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_steps(config: TrainConfig, total_steps: int) -> CompiledSteps:
+def _compiled_steps(config: TrainConfig, total_steps: int, mesh: Mesh | None) -> CompiledSteps:
     """The jitted functions for ``config``, cached across fits.
 
     Fits with the same options and the same model functions (seeds of a sweep in one process)
@@ -360,13 +410,15 @@ def _compiled_steps(config: TrainConfig, total_steps: int) -> CompiledSteps:
     optimizer = build_optimizer(config, total_steps)
     schedule = learning_rate_fn(config, total_steps)
     loss = _LOSSES[config.loss]
+    placement = {} if mesh is None else {"out_shardings": NamedSharding(mesh, PartitionSpec())}
     return CompiledSteps(
         train_step=jax.jit(
             functools.partial(_train_step, optimizer=optimizer, schedule=schedule, loss=loss),
             donate_argnums=1,
+            **placement,
         ),
-        eval_step=jax.jit(functools.partial(_eval_step, loss=loss)),
-        initial_state=_initial_state_fn(optimizer),
+        eval_step=jax.jit(functools.partial(_eval_step, loss=loss), **placement),
+        initial_state=_initial_state_fn(optimizer, placement),
     )
 
 
@@ -380,7 +432,7 @@ def _eval_step(infer, params, batch_stats, batch, *, loss):
 
 
 def _initial_state_fn(
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation, placement: dict[str, Any]
 ) -> Callable[[PyTree, PyTree], tuple[TrainState, PyTree]]:
     """Jitted ``(params, batch_stats) -> (state, start_params)``, fresh copies of the inputs.
 
@@ -397,4 +449,4 @@ def _initial_state_fn(
         )
         return state, jax.tree.map(jnp.copy, params)
 
-    return jax.jit(initial_state)
+    return jax.jit(initial_state, **placement)
