@@ -4,13 +4,12 @@ python compute_nads.py                          # LeNet (GeLU), [32, 32, 1] inpu
 python compute_nads.py model=resnet18 nads.input_std=1.0     # ResNet-18 at x0 ~ N(0, I)
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from ntklab.experiments import compute_nads
+from ntklab.experiments import cli, compute_nads
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name="compute_nads/config")
+@cli.hydra_main("compute_nads/config")
 def main(cfg: DictConfig) -> None:
     compute_nads.run(cfg)
 

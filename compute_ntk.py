@@ -4,13 +4,12 @@ python compute_ntk.py                                   # LeNet on the embedded 
 python compute_ntk.py model=lenet data.dataset=cifar10 data.root=data
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from ntklab.experiments import compute_ntk
+from ntklab.experiments import cli, compute_ntk
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name="compute_ntk/config")
+@cli.hydra_main("compute_ntk/config")
 def main(cfg: DictConfig) -> None:
     compute_ntk.run(cfg)
 

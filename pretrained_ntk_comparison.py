@@ -4,15 +4,12 @@ python pretrained_ntk_comparison.py                          # LeNet on the embe
 python pretrained_ntk_comparison.py model=lenet data.dataset=cifar10 label_idx=10
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from ntklab.experiments import pretrained_ntk_comparison
+from ntklab.experiments import cli, pretrained_ntk_comparison
 
 
-@hydra.main(
-    version_base="1.3", config_path="config", config_name="pretrained_ntk_comparison/config"
-)
+@cli.hydra_main("pretrained_ntk_comparison/config")
 def main(cfg: DictConfig) -> None:
     pretrained_ntk_comparison.run(cfg)
 

@@ -4,13 +4,12 @@ python train_cifar.py data.root=data data.num_train=1000 linearize=true
 python train_cifar.py -m data.num_train=100,1000,10000 linearize=true,false seed=0,1,2
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from ntklab.experiments import train_cifar
+from ntklab.experiments import cli, train_cifar
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name="train_cifar/config")
+@cli.hydra_main("train_cifar/config")
 def main(cfg: DictConfig) -> None:
     train_cifar.run(cfg)
 

@@ -5,13 +5,12 @@ python train_nads.py model=lenet label_idx=10 linearize=false
 python train_nads.py -m label_idx=0,1,2,5,10,20,50,100,200,500,1000 linearize=true,false
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from ntklab.experiments import train_nads
+from ntklab.experiments import cli, train_nads
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name="train_nads/config")
+@cli.hydra_main("train_nads/config")
 def main(cfg: DictConfig) -> None:
     train_nads.run(cfg)
 

@@ -5,13 +5,12 @@ python train_ntk.py model=lenet data.dataset=cifar10 label_idx=10 linearize=fals
 python train_ntk.py -m label_idx=0,1,2,5,10,20,50,100 linearize=true,false
 """
 
-import hydra
 from omegaconf import DictConfig
 
-from ntklab.experiments import train_ntk
+from ntklab.experiments import cli, train_ntk
 
 
-@hydra.main(version_base="1.3", config_path="config", config_name="train_ntk/config")
+@cli.hydra_main("train_ntk/config")
 def main(cfg: DictConfig) -> None:
     train_ntk.run(cfg)
 

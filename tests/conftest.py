@@ -10,6 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import ntklab.experiments.schema  # noqa: F401  (registers the config schemas with Hydra)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "config"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -107,13 +107,19 @@ def test_rerun_with_other_config_is_refused_and_batch_size_is_not_identity(finis
 
 
 def test_bad_options_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown nads\.dtype 'float16'; valid choices: float32"):
+    with pytest.raises(
+        ValueError, match=r"nads\.dtype='float16' is invalid: must be one of: float32"
+    ):
         compute_nads.run(small_config(tmp_path, "nads.dtype=float16"))
     with pytest.raises(ValueError, match=r"model\.num_outputs=2: NADs are defined for one scalar"):
         compute_nads.run(small_config(tmp_path, "model.num_outputs=2"))
-    with pytest.raises(ValueError, match=r"shape must be \[H, W, C\] positive integers"):
+    with pytest.raises(
+        ValueError, match=r"nads\.shape=\[6, 6\] is invalid: must be a list \[H, W, C\]"
+    ):
         compute_nads.run(small_config(tmp_path, "nads.shape=[6,6]"))
-    with pytest.raises(ValueError, match="unknown model 'vgg'; valid choices: lenet, mlp"):
+    with pytest.raises(
+        ValueError, match=r"model\.name='vgg' is invalid: must be one of: lenet, mlp"
+    ):
         compute_nads.run(small_config(tmp_path, "model.name=vgg"))
     assert not (tmp_path / "nads").exists()
 

@@ -108,7 +108,7 @@ def test_entry_script_runs_from_the_command_line(lenet_nads, tmp_path):
         sys.executable,
         "train_nads.py",
         *TRAIN,
-        "train.epochs=0",  # evaluates θ0 only: the script and Hydra's run folder are under test
+        "train.epochs=1",  # the script and Hydra's run folder are under test
         "label_idx=3",
         f"paths.artifacts={lenet_nads}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
@@ -116,5 +116,5 @@ def test_entry_script_runs_from_the_command_line(lenet_nads, tmp_path):
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "hydra" / "metrics.json").read_text())
-    assert metrics["nad_idx"] == 3 and metrics["linearize"] is False and metrics["epoch"] == 0
+    assert metrics["nad_idx"] == 3 and metrics["linearize"] is False and metrics["epoch"] == 1
     assert (tmp_path / "hydra" / "train_nads.log").exists()

@@ -164,8 +164,6 @@ def test_out_of_range_label_and_mismatching_run_are_clear_errors(artifacts_dir, 
     assert "ntk.num_eigvecs=7 paths.run_dir=" in str(error.value)
     with pytest.raises(ValueError, match=r"another configuration \(model\.widths: run has \[16\], this config \[8\]\)"):  # fmt: skip
         train_ntk.run(config("train_ntk", artifacts_dir, tmp_path, "model.widths=[8]"))
-    with pytest.raises(ValueError, match=r"alignment\.num_eigvecs=7 must be between 1 and the 6"):
-        train_ntk.run(config("train_ntk", artifacts_dir, tmp_path, "alignment.num_eigvecs=7"))
 
 
 def test_pretrained_comparison_runs_start_from_the_stated_parameters(artifacts_dir, tmp_path):

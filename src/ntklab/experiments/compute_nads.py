@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ntklab import artifacts
+from ntklab.experiments.schema import validate
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
 from ntklab.nads import nad_input, neural_anisotropy_directions
 from ntklab.plots import nads_figure
@@ -30,7 +31,6 @@ from ntklab.types import ApplyFn, PyTree
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "float64")
 NON_IDENTITY_KEYS = {"nads": ("batch_size", "num_plot")}
 """Config keys that do not change the results, left out of a run folder's identity."""
 
@@ -55,27 +55,33 @@ def run(cfg: DictConfig) -> Path:
         output, or non-finite values.
       FileExistsError: the run folder holds a run of another configuration.
     """
+    validate(cfg)
     timings: dict[str, float] = {}
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("JAX devices: %s", jax.devices())
-    if cfg.nads.dtype not in DTYPES:
-        raise ValueError(
-            f"unknown nads.dtype {cfg.nads.dtype!r}; valid choices: {', '.join(DTYPES)}"
-        )
 
     tic = time.perf_counter()
     model = build_model(**cfg.model)
     x0 = nad_input(tuple(cfg.nads.shape), input_std=cfg.nads.input_std, seed=cfg.seed)
-    shape = x0.shape
     if cfg.model.get("num_outputs", 1) != 1:
         raise ValueError(
             f"model.num_outputs={cfg.model.num_outputs}: NADs are defined for one scalar output; "
             "set model.num_outputs=1"
         )
-    run_dir = artifacts.prepare_run_dir(
+    with artifacts.open_run(
         cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
+    ) as run_folder:
+        logger.info("writing to %s", run_folder.path.resolve())
+        _compute(cfg, model, x0, run_folder, timings, tic)
+    logger.info(
+        "done: %s (timings %s)", run_folder.path, {k: round(v, 2) for k, v in timings.items()}
     )
-    logger.info("writing to %s", run_dir.resolve())
+    return run_folder.path
+
+
+def _compute(cfg, model, x0, run_folder: artifacts.RunFolder, timings, tic) -> None:
+    """Computes the NADs and writes the run folder."""
+    run_dir, shape = run_folder.path, x0.shape
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed), shape)
     num_params = count_params(variables["params"])
     timings["init_s"] = time.perf_counter() - tic
@@ -125,8 +131,7 @@ def run(cfg: DictConfig) -> Path:
     artifacts.save_figure(figure, run_dir / "nads.png")
     timings["save_s"] = time.perf_counter() - tic
 
-    artifacts.save_json(
-        run_dir / artifacts.META_FILE,
+    run_folder.finish(
         {
             "script": "compute_nads",
             "config": artifacts.to_container(cfg),
@@ -148,8 +153,6 @@ def run(cfg: DictConfig) -> Path:
             "timings": timings,
         },
     )
-    logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
-    return run_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,15 +198,13 @@ def load_nads(path: str | Path) -> NADRun:
 
     Raises:
       FileNotFoundError: no finished run in ``path`` (the message says what to run).
+      DamagedArtifactError: a file differs from the one the run wrote (the message names it).
     """
     path = Path(path)
-    if not (path / artifacts.META_FILE).exists():
-        state = "an unfinished run" if (path / artifacts.CONFIG_FILE).exists() else "no run"
-        raise FileNotFoundError(
-            f"{path} holds {state} ({artifacts.META_FILE} is missing; expected nads.npy, "
-            "eigvals.npy, init_params.msgpack, meta.json); run compute_nads.py to create it"
-        )
-    meta = artifacts.load_json(path / artifacts.META_FILE)
+    meta = artifacts.read_finished_meta(
+        path, script="compute_nads.py", expected=("nads.npy", "eigvals.npy", "init_params.msgpack")
+    )
+    artifacts.verify_artifacts(path, meta)
     config = OmegaConf.create(meta["config"])
     shape = tuple(meta["input_shape"])
     model = build_model(**config.model)

@@ -18,12 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ntklab import artifacts
 from ntklab.data import load_dataset_config
+from ntklab.eigen import SOLVERS as EIGEN_SOLVERS
 from ntklab.eigen import (
     Eigenpairs,
     matrix_free_eigenpairs,
     nystrom_eigenpairs,
     top_eigenpairs,
 )
+from ntklab.experiments.schema import ConfigError, validate
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
 from ntklab.ntk import empirical_ntk
 from ntklab.plots import spectrum_figure
@@ -42,9 +44,10 @@ NON_IDENTITY_KEYS = {
         "param_chunk_size",
     ),
 }
-MATRIX_FREE_SOLVERS = ("matrix_free", "nystrom")
-SOLVERS = ("auto", "dense", "lanczos", *MATRIX_FREE_SOLVERS)
 """Config keys that do not change the results, left out of a run folder's identity."""
+MATRIX_FREE_SOLVERS = ("matrix_free", "nystrom")
+SOLVERS = (*EIGEN_SOLVERS, *MATRIX_FREE_SOLVERS)
+"""``ntk.solver``: the eigensolvers of a formed kernel, then the matrix-free ones."""
 
 
 def run_identity(cfg: DictConfig) -> dict:
@@ -52,8 +55,42 @@ def run_identity(cfg: DictConfig) -> dict:
     return artifacts.config_identity(cfg, ("model", "data", "ntk"), NON_IDENTITY_KEYS)
 
 
+def check_options(cfg: DictConfig, num_samples: int) -> None:
+    """The ``ntk:`` checks that need the data's size N or combine keys; run before any disk work.
+
+    Raises:
+      ValueError: ``nystrom`` without ``nystrom_dims`` (or out of
+        range), ``save_kernel`` with a matrix-free solver, or ``output`` other than ``trace``.
+    """
+    ntk = cfg.ntk
+    if not 1 <= ntk.num_eigvecs <= num_samples:
+        raise ConfigError(
+            f"ntk.num_eigvecs={ntk.num_eigvecs} must be between 1 and the number of samples "
+            f"N={num_samples} (data.num_train + data.num_test)"
+        )
+    if ntk.output != "trace":
+        raise ValueError(
+            f"compute_ntk eigendecomposes an [N, N] kernel: ntk.output must be 'trace' (the sum "
+            f"over logits; the scalar kernel for one logit), got {ntk.output!r}"
+        )
+    if ntk.solver in MATRIX_FREE_SOLVERS and ntk.save_kernel:
+        raise ValueError(
+            f"ntk.save_kernel=true needs the kernel, which ntk.solver={ntk.solver} never "
+            "forms; use ntk.solver=auto|dense|lanczos to save it"
+        )
+    if ntk.solver == "nystrom" and not (
+        ntk.nystrom_dims is not None and ntk.num_eigvecs <= ntk.nystrom_dims <= num_samples
+    ):
+        raise ValueError(
+            f"ntk.solver=nystrom needs ntk.nystrom_dims (landmark count m) with "
+            f"ntk.num_eigvecs={ntk.num_eigvecs} <= m <= N={num_samples}, got {ntk.nystrom_dims}"
+        )
+
+
 def run(cfg: DictConfig) -> Path:
     """Computes, eigendecomposes and saves the eNTK described by ``cfg``.
+
+    Everything is checked (config, data, options) before the run folder is touched.
 
     Args:
       cfg: the composed ``config/compute_ntk`` config (``seed``, ``model``, ``data``, ``ntk``,
@@ -63,9 +100,13 @@ def run(cfg: DictConfig) -> Path:
       The run folder.
 
     Raises:
-      ValueError: unknown model or dataset, ``ntk.num_eigvecs`` larger than N, a non-finite kernel.
+      ConfigError: a config value of the wrong range or choice, or an unknown key.
+      ValueError: ``ntk.num_eigvecs`` larger than N, inconsistent options, a non-finite kernel.
+      FileNotFoundError: the dataset files are missing.
       FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
     """
+    validate(cfg)
     timings: dict[str, float] = {}
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("JAX devices: %s", jax.devices())
@@ -75,17 +116,23 @@ def run(cfg: DictConfig) -> Path:
     dataset = load_dataset_config(cfg.data, seed=cfg.seed)
     x = np.concatenate([dataset.train.images, dataset.test.images])
     num_samples = len(x)
-    if not 1 <= cfg.ntk.num_eigvecs <= num_samples:
-        raise ValueError(
-            f"ntk.num_eigvecs={cfg.ntk.num_eigvecs} must be between 1 and the number of samples "
-            f"N={num_samples} ({len(dataset.train.images)} train + {len(dataset.test.images)} test)"
-        )
+    check_options(cfg, num_samples)
     timings["data_s"] = time.perf_counter() - tic
-    run_dir = artifacts.prepare_run_dir(
-        cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
-    )
-    logger.info("writing to %s", run_dir.resolve())
 
+    with artifacts.open_run(
+        cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
+    ) as run_folder:
+        run_dir = run_folder.path
+        logger.info("writing to %s", run_dir.resolve())
+        _compute(cfg, model, dataset, x, run_folder, timings)
+    logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
+    return run_dir
+
+
+def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder, timings) -> None:
+    """Initializes the model, forms the kernel and its eigenpairs, and writes the run folder."""
+    run_dir = run_folder.path
+    num_samples = len(x)
     tic = time.perf_counter()
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed), tuple(x.shape[1:]))
     apply_fn = inference_apply_fn(model, variables)
@@ -118,14 +165,19 @@ def run(cfg: DictConfig) -> Path:
         train_indices=dataset.train.indices,
         test_indices=dataset.test.indices,
     )
-    if cfg.ntk.save_kernel and kernel is not None and not isinstance(kernel, np.memmap):
+    if isinstance(kernel, np.memmap):
+        kernel.flush()
+        run_folder.add_file("kernel.npy")
+    elif cfg.ntk.save_kernel and kernel is not None:
         artifacts.save_array(run_dir / "kernel.npy", kernel)
+    else:
+        for name in ("kernel.npy", "kernel.npy.progress.json"):
+            run_folder.discard(name)  # an earlier run's kernel (and its resume record)
     title = f"eNTK spectrum: {cfg.model.name} on {cfg.data.dataset} (N={num_samples})"
     artifacts.save_figure(spectrum_figure(pairs.values, title=title), run_dir / "spectrum.png")
     timings["save_s"] = time.perf_counter() - tic
 
-    artifacts.save_json(
-        run_dir / artifacts.META_FILE,
+    run_folder.finish(
         {
             "script": "compute_ntk",
             "config": artifacts.to_container(cfg),
@@ -146,8 +198,6 @@ def run(cfg: DictConfig) -> Path:
             "timings": timings,
         },
     )
-    logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
-    return run_dir
 
 
 def _kernel_and_eigenpairs(
@@ -160,20 +210,8 @@ def _kernel_and_eigenpairs(
 ) -> tuple[np.ndarray | None, Eigenpairs]:
     """The kernel [N, N] (None for matrix-free solvers) and its top eigenpairs, timed."""
     ntk = cfg.ntk
-    if ntk.solver not in SOLVERS:
-        raise ValueError(f"unknown ntk.solver {ntk.solver!r}; valid choices: {', '.join(SOLVERS)}")
-    if ntk.output not in ("trace",):
-        raise ValueError(
-            f"compute_ntk eigendecomposes an [N, N] kernel: ntk.output must be 'trace' (the sum "
-            f"over logits; the scalar kernel for one logit), got {ntk.output!r}"
-        )
     options = {"batch_size": ntk.batch_size, "seed": cfg.seed}
     if ntk.solver in MATRIX_FREE_SOLVERS:
-        if ntk.save_kernel:
-            raise ValueError(
-                f"ntk.save_kernel=true needs the kernel, which ntk.solver={ntk.solver} never "
-                "forms; use ntk.solver=auto|dense|lanczos to save it"
-            )
         timings["kernel_s"] = 0.0
         tic = time.perf_counter()
         if ntk.solver == "matrix_free":
@@ -181,8 +219,6 @@ def _kernel_and_eigenpairs(
                 apply_fn, params, x, ntk.num_eigvecs, progress=True, **options
             )
         else:
-            if ntk.nystrom_dims is None:
-                raise ValueError("ntk.solver=nystrom needs ntk.nystrom_dims (landmark count m)")
             pairs = nystrom_eigenpairs(
                 apply_fn, params, x, ntk.num_eigvecs, num_landmarks=ntk.nystrom_dims, **options
             )
@@ -212,10 +248,29 @@ def _kernel_and_eigenpairs(
         progress=True,
     )
     timings["kernel_s"] = time.perf_counter() - tic
+    check_finite(kernel)
     tic = time.perf_counter()
     pairs = top_eigenpairs(kernel, ntk.num_eigvecs, solver=ntk.solver, seed=cfg.seed)
     timings["eigen_s"] = time.perf_counter() - tic
     return kernel, pairs
+
+
+def check_finite(kernel: np.ndarray, *, rows_per_block: int = 4096) -> None:
+    """Raises ValueError naming the first non-finite entry of a kernel [N, N] (read by row blocks).
+
+    Raises:
+      ValueError: an entry is NaN or infinite (the message gives its row and column).
+    """
+    for start in range(0, len(kernel), rows_per_block):
+        block = np.asarray(kernel[start : start + rows_per_block])
+        bad = np.argwhere(~np.isfinite(block))
+        if len(bad):
+            row, column = int(bad[0, 0]) + start, int(bad[0, 1])
+            raise ValueError(
+                f"the kernel has {len(bad)} non-finite entries in rows {start}.."
+                f"{start + len(block) - 1} (first at [{row}, {column}] = {block[bad[0, 0], column]}); "
+                "check the inputs and parameters for NaN/Inf"
+            )
 
 
 def _use_out_of_core(setting: bool | str, num_samples: int) -> bool:
@@ -223,9 +278,7 @@ def _use_out_of_core(setting: bool | str, num_samples: int) -> bool:
     if setting == "auto":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return num_samples * num_samples * 4 > ram // 4
-    if not isinstance(setting, bool):
-        raise ValueError(f"ntk.out_of_core must be true, false or auto, got {setting!r}")
-    return setting
+    return bool(setting)
 
 
 def _kernel_summary(

@@ -33,7 +33,7 @@ from ntklab.experiments.train_ntk import check_label_idx, eigenfunction_labels, 
 from ntklab.experiments.training import (
     fit_model_kwargs,
     ntk_run_meta,
-    start_run,
+    open_training_run,
     train_config,
     write_results,
 )
@@ -98,9 +98,16 @@ def run(cfg: DictConfig) -> Path:
     """
     config = train_config(cfg)
     check_label_idx(cfg.label_idx)
-    run_dir = start_run(cfg)
     ntk_run = load_ntk_run(cfg, num_eigvecs=cfg.label_idx + 1)
     labels = eigenfunction_labels(ntk_run.eigvecs, cfg.label_idx)
+    with open_training_run(cfg) as run_folder:
+        _compare(cfg, config, ntk_run, labels, run_folder)
+    return run_folder.path
+
+
+def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> None:
+    """Trains the three runs, plots their accuracies and writes the results."""
+    run_dir = run_folder.path
     n = ntk_run.num_train
     data = {
         "x_train": ntk_run.x[:n],
@@ -150,7 +157,7 @@ def run(cfg: DictConfig) -> Path:
         artifacts.save_figure(figure, run_dir / f"comparison.{suffix}")
     logger.info("test accuracies: %s", {k: round(v["test/acc"], 4) for k, v in accuracies.items()})
     write_results(
-        run_dir,
+        run_folder,
         cfg=cfg,
         script="pretrained_ntk_comparison",
         metrics={
@@ -162,4 +169,3 @@ def run(cfg: DictConfig) -> Path:
         meta=ntk_run_meta(ntk_run, timings),
         summary_name=f"label_{cfg.label_idx}-seed_{cfg.seed}.json",
     )
-    return run_dir

@@ -27,7 +27,7 @@ from ntklab.data import load_dataset_config
 from ntklab.experiments.training import (
     fit_model_kwargs,
     mode_name,
-    start_run,
+    open_training_run,
     train_config,
     write_results,
 )
@@ -55,8 +55,6 @@ def run(cfg: DictConfig) -> Path:
     timings: dict[str, float] = {}
     config = train_config(cfg)
     model = build_model(**cfg.model)
-    run_dir = start_run(cfg)
-
     tic = time.perf_counter()
     dataset = load_dataset_config(cfg.data, seed=cfg.seed)
     if dataset.num_classes != 2:
@@ -65,6 +63,14 @@ def run(cfg: DictConfig) -> Path:
             f"{dataset.num_classes} classes; use a binary dataset such as data.dataset=cifar2"
         )
     timings["data_s"] = time.perf_counter() - tic
+    with open_training_run(cfg) as run_folder:
+        _train(cfg, config, model, dataset, run_folder, timings)
+    return run_folder.path
+
+
+def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings) -> None:
+    """Trains on the dataset's labels and writes the results."""
+    run_dir = run_folder.path
     x_train, x_test = dataset.train.images, dataset.test.images
     y_train = dataset.train.labels.astype(np.float32)
     y_test = dataset.test.labels.astype(np.float32)
@@ -96,7 +102,7 @@ def run(cfg: DictConfig) -> Path:
         test_indices=dataset.test.indices,
     )
     write_results(
-        run_dir,
+        run_folder,
         cfg=cfg,
         script="train_cifar",
         metrics={
@@ -114,4 +120,3 @@ def run(cfg: DictConfig) -> Path:
         },
         summary_name=f"n_{len(x_train)}-{mode}-seed_{cfg.seed}.json",
     )
-    return run_dir

@@ -28,7 +28,7 @@ from ntklab.experiments.training import (
     fit_model_kwargs,
     hydra_override,
     mode_name,
-    start_run,
+    open_training_run,
     train_config,
     write_results,
 )
@@ -119,8 +119,6 @@ def run(cfg: DictConfig) -> Path:
     """
     timings: dict[str, float] = {}
     config = train_config(cfg)
-    run_dir = start_run(cfg)
-
     tic = time.perf_counter()
     nads = load_nads_for(cfg)
     check_label_idx(cfg.label_idx, len(nads.directions))
@@ -146,6 +144,14 @@ def run(cfg: DictConfig) -> Path:
         100 * y_train.mean(),
     )
 
+    with open_training_run(cfg) as run_folder:
+        _train(cfg, config, nads, data, y_train, y_test, run_folder, timings)
+    return run_folder.path
+
+
+def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings) -> None:
+    """Trains on the NAD task and writes the results."""
+    run_dir = run_folder.path
     mode = mode_name(linearize=cfg.linearize, with_bias=cfg.with_bias)
     model_kwargs = fit_model_kwargs(
         nads.model,
@@ -178,7 +184,7 @@ def run(cfg: DictConfig) -> Path:
         "test/label_mean": float(y_test.mean()),
     }
     write_results(
-        run_dir,
+        run_folder,
         cfg=cfg,
         script="train_nads",
         metrics=metrics,
@@ -194,4 +200,3 @@ def run(cfg: DictConfig) -> Path:
         },
         summary_name=f"nad_{cfg.label_idx}-{mode}-seed_{cfg.seed}.json",
     )
-    return run_dir

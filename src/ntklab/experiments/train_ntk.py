@@ -35,7 +35,7 @@ from ntklab.experiments.training import (
     hydra_override,
     mode_name,
     ntk_run_meta,
-    start_run,
+    open_training_run,
     train_config,
     write_results,
 )
@@ -175,18 +175,18 @@ def run(cfg: DictConfig) -> Path:
     timings: dict[str, float] = {}
     config = train_config(cfg)
     check_label_idx(cfg.label_idx)
-    run_dir = start_run(cfg)
-    needed = max(cfg.label_idx + 1, cfg.alignment.num_eigvecs if _aligns(cfg) else 0)
-
     tic = time.perf_counter()
-    ntk_run = load_ntk_run(cfg, num_eigvecs=needed)
+    ntk_run = load_ntk_run(cfg, num_eigvecs=cfg.label_idx + 1)
     labels = eigenfunction_labels(ntk_run.eigvecs, cfg.label_idx)
-    if _aligns(cfg) and not 1 <= cfg.alignment.num_eigvecs <= len(ntk_run.eigvecs):
-        raise ValueError(
-            f"alignment.num_eigvecs={cfg.alignment.num_eigvecs} must be between 1 and the "
-            f"{len(ntk_run.eigvecs)} eigenvectors of {ntk_run.path}"
-        )
     timings["load_s"] = time.perf_counter() - tic
+    with open_training_run(cfg) as run_folder:
+        _train(cfg, config, ntk_run, labels, run_folder, timings)
+    return run_folder.path
+
+
+def _train(cfg, config, ntk_run: NTKRun, labels, run_folder, timings) -> None:
+    """Trains, measures the alignment (network runs) and writes the results."""
+    run_dir = run_folder.path
     n = ntk_run.num_train
     logger.info(
         "label_idx=%d (λ=%.4g): %d train / %d test samples, %.1f%% of train labels are 1",
@@ -232,14 +232,13 @@ def run(cfg: DictConfig) -> Path:
         timings["alignment_s"] = time.perf_counter() - tic
 
     write_results(
-        run_dir,
+        run_folder,
         cfg=cfg,
         script="train_ntk",
         metrics=metrics,
         meta=ntk_run_meta(ntk_run, timings),
         summary_name=f"label_{cfg.label_idx}-{mode}-seed_{cfg.seed}.json",
     )
-    return run_dir
 
 
 def _stats_first(eval_apply, batch_stats, params, x):
@@ -252,7 +251,15 @@ def _aligns(cfg: DictConfig) -> bool:
 
 def _alignment(cfg, ntk_run: NTKRun, params, batch_stats, run_dir: Path) -> dict[str, float]:
     """Saves ``alignment.npz`` and its plots; returns the trained eigenvector's quotients."""
-    indices = np.array(sorted(set(range(cfg.alignment.num_eigvecs)) | {cfg.label_idx}))
+    available = len(ntk_run.eigvecs)
+    num_eigvecs = min(cfg.alignment.num_eigvecs or available, available)
+    if num_eigvecs < (cfg.alignment.num_eigvecs or 0):
+        logger.info(
+            "alignment.num_eigvecs=%d: the run has %d eigenvectors; aligning all of them",
+            cfg.alignment.num_eigvecs,
+            available,
+        )
+    indices = np.array(sorted(set(range(num_eigvecs)) | {cfg.label_idx}))
     vectors = ntk_run.eigvecs[indices]
     options = {
         "num_train": ntk_run.num_train,

@@ -9,7 +9,9 @@ folder's path under ``paths.summary_dir`` in ``artifacts/``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from ntklab import artifacts
+from ntklab.experiments.schema import validate
 from ntklab.linearize import linearize
 from ntklab.models import count_params, inference_apply_fn, train_apply_fn
 from ntklab.train import TrainConfig, eval_apply_fn
@@ -29,31 +32,70 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-def start_run(cfg: DictConfig) -> Path:
-    """Logs the config and devices and returns the run folder, created, with no stale results.
+NON_IDENTITY_KEYS = {
+    "": ("paths", "progress", "overwrite"),
+    "data": ("root", "download"),
+    "train": ("eval_batch_size", "checkpoint_every"),
+    "alignment": ("batch_size", "vector_batch_size"),
+}
+"""Config keys that do not change a training run's results, left out of its folder's identity."""
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The config keys that determine a training run's results (what ``config.json`` records)."""
+    identity = {
+        key: artifacts.to_container(cfg[key]) if isinstance(cfg[key], DictConfig) else cfg[key]
+        for key in cfg
+        if key not in NON_IDENTITY_KEYS[""]
+    }
+    for group, keys in NON_IDENTITY_KEYS.items():
+        for key in keys if group and group in identity else ():
+            identity[group].pop(key, None)
+    return identity
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """``paths.run_dir``, resolved.
 
     Raises:
       ValueError: ``paths.run_dir`` is Hydra's output folder but the config was not composed by
         ``@hydra.main`` (e.g. ``hydra.compose`` in a notebook or test): set it explicitly.
     """
     try:
-        run_dir = Path(cfg.paths.run_dir)
+        return Path(cfg.paths.run_dir)
     except InterpolationResolutionError as error:
         raise ValueError(
             "paths.run_dir is ${hydra:runtime.output_dir}, which exists only in a run started by "
             "@hydra.main; set paths.run_dir=<folder> when calling run(cfg) directly"
         ) from error
+
+
+@contextlib.contextmanager
+def open_training_run(cfg: DictConfig) -> Iterator[artifacts.RunFolder]:
+    """Logs the config and devices, then claims and locks the run folder (see ``open_run``).
+
+    A rerun of the same configuration into the folder continues there; another configuration is
+    refused unless ``overwrite=true``. Hydra's own files in the folder (``.hydra/``, the log) stay.
+
+    Raises:
+      ValueError: ``paths.run_dir`` cannot be resolved (see :func:`run_dir_of`).
+      FileExistsError: the folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the folder.
+    """
+    run_dir = run_dir_of(cfg)
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("JAX devices: %s", jax.devices())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (artifacts.META_FILE, METRICS_FILE):  # a rerun into the folder starts incomplete
-        (run_dir / name).unlink(missing_ok=True)
-    logger.info("writing to %s", run_dir.resolve())
-    return run_dir
+    with artifacts.open_run(
+        run_dir, run_identity(cfg), overwrite=cfg.overwrite, foreign_files=True
+    ) as run_folder:
+        logger.info("writing to %s", run_dir.resolve())
+        yield run_folder
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
-    """The ``train:`` block as a :class:`~ntklab.train.TrainConfig` (validated)."""
+    """Checks the whole config (:func:`~ntklab.experiments.schema.validate`) and returns the
+    ``train:`` block as a :class:`~ntklab.train.TrainConfig`."""
+    validate(cfg)
     return TrainConfig.from_mapping(artifacts.to_container(cfg.train))
 
 
@@ -98,7 +140,7 @@ def fit_model_kwargs(
 
 
 def write_results(
-    run_dir: Path,
+    run_folder: artifacts.RunFolder,
     *,
     cfg: DictConfig,
     script: str,
@@ -109,22 +151,20 @@ def write_results(
     """Writes ``metrics.json``, the summary under ``paths.summary_dir``, then ``meta.json``.
 
     Args:
-      run_dir: the run folder.
+      run_folder: the run folder, from :func:`open_training_run`.
       cfg: the run's config (stored resolved in both files).
       script: the script's name.
       metrics: final metrics (``split/metric`` keys) and other results.
       meta: shapes, timings and other metadata for ``meta.json``.
       summary_name: file name of the summary in ``paths.summary_dir``.
     """
+    run_dir = run_folder.path
     config = artifacts.to_container(cfg)
     content = {"script": script, **metrics, "config": config}
     artifacts.save_json(run_dir / METRICS_FILE, content)
     summary = Path(cfg.paths.summary_dir) / summary_name
     artifacts.save_json(summary, {**content, "run_dir": str(run_dir.resolve())})
-    artifacts.save_json(
-        run_dir / artifacts.META_FILE,
-        {"script": script, "config": config, **artifacts.environment_info(), **meta},
-    )
+    run_folder.finish({"script": script, "config": config, **artifacts.environment_info(), **meta})
     logger.info("done: %s (summary %s)", run_dir, summary)
 
 
