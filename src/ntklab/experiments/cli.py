@@ -134,7 +134,6 @@ def _composition_message(error: HydraException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if isinstance(cause, OmegaConfBaseException):  # "Error merging override key=value"
         return f"{lines[0].removeprefix('Error merging override ')}: {_omegaconf_message(cause)}"
-    lines = [line for line in lines if not line.endswith("_schema")]
     if "Config search path:" in lines:
         lines = lines[: lines.index("Config search path:")]
     head, *options = lines

@@ -2,7 +2,8 @@
 
 Each primary YAML (``config/<script>/config.yaml``) starts from its schema (``defaults:
 [/<script>_schema, ...]``), and each ``config/model/<name>.yaml`` from its model's schema
-(``<name>_schema``, built from the Flax module's fields, so adding a model needs no edit here).
+(``/schema/model@_here_: <name>``, built from the Flax module's fields, so adding a model needs no
+edit here).
 Hydra then refuses a wrong type (naming key, value and type) and an unknown key before the run
 starts; :func:`validate` adds what types cannot say: keys added with ``+``, ranges
 (``train.epochs >= 1``, ``label_idx >= 0``, ...) and choices (``ntk.solver``, ...). The YAML files
@@ -145,7 +146,7 @@ class NadTrainingPaths(TrainingPaths):
 class ComputeNtkConfig:
     seed: int = MISSING
     overwrite: bool = MISSING
-    model: Any = MISSING  # typed by config/model/<name>.yaml's <name>_schema
+    model: Any = MISSING  # typed by config/model/<name>.yaml's schema/model/<name>
     data: DataSchema = field(default_factory=DataSchema)
     ntk: NtkSchema = field(default_factory=NtkSchema)
     paths: ArtifactPaths = field(default_factory=ArtifactPaths)
@@ -243,7 +244,7 @@ def _register() -> None:
     for script, schema in SCRIPT_SCHEMAS.items():
         store.store(name=f"{script}_schema", node=schema)
     for name in model_names():
-        store.store(group="model", name=f"{name}_schema", node=model_schema(name))
+        store.store(group="schema/model", name=name, node=model_schema(name))
 
 
 _register()
