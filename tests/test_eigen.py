@@ -1,4 +1,4 @@
-"""Eigenpairs (dense, Lanczos, matrix-free, Nyström) against numpy.linalg.eigh."""
+"""Eigenpairs (LAPACK, subspace iteration, Lanczos, matrix-free, Nyström) against numpy.linalg.eigh."""
 
 from __future__ import annotations
 
@@ -9,69 +9,186 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntklab._kernel_operator import METHODS, NtkOperator
+import ntklab.eigen._stored
+from ntklab._kernel_operator import NtkOperator
 from ntklab.eigen import (
+    METHODS,
+    choose_solver,
     matrix_free_eigenpairs,
     max_relative_residual,
     nystrom_eigenpairs,
+    pair_residuals,
+    relative_gaps,
     top_eigenpairs,
 )
 from ntklab.models import build_model, inference_apply_fn, init_variables
 from ntklab.ntk import empirical_ntk
 
 
-def psd_matrix(n: int, *, seed: int = 0, dtype=np.float64) -> np.ndarray:
-    """A PSD kernel with a decaying spectrum and well-separated top eigenvalues."""
+def psd_matrix(n: int, *, seed: int = 0, dtype=np.float64, spectrum=None) -> np.ndarray:
+    """A PSD kernel Q diag(spectrum) Qᵀ; default: decaying 100·0.8^j, well-separated top values."""
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    spectrum = 100.0 * 0.8 ** np.arange(n)
+    if spectrum is None:
+        spectrum = 100.0 * 0.8 ** np.arange(n)
     return ((basis * spectrum) @ basis.T).astype(dtype)
 
 
-@pytest.mark.parametrize("solver", ["dense", "lanczos", "auto"])
+def clustered_spectrum(n: int) -> np.ndarray:
+    """An NTK-like spectrum: one outlier, clusters of nearly equal values, a power-law tail."""
+    tail = 50.0 * (1.0 + np.arange(n - 1)) ** -1.2
+    tail[3:6] = tail[3] * (1 - 1e-9 * np.arange(3))  # a 3-fold cluster (gap 1e-9 relative)
+    tail[10:12] = tail[10]  # an exactly double eigenvalue
+    return np.concatenate([[1e4], tail])
+
+
+def reference(kernel: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = np.linalg.eigh(np.asarray(kernel, dtype=np.float64))
+    return values[::-1], vectors[:, ::-1]
+
+
+def assert_projectors_match(vectors, reference_values, reference_vectors, *, atol):
+    """‖P_j − P_j^ref‖₂ <= atol for every top-j group ending at a clear gap (1e-3 of λ_1)."""
+    k = vectors.shape[1]
+    gaps = (reference_values[:k] - reference_values[1 : k + 1]) / reference_values[0]
+    checked = [j + 1 for j in range(k) if gaps[j] > 1e-3]
+    assert checked, "no spectral gap to compare subspaces at"
+    for j in checked:
+        ours = vectors[:, :j] @ vectors[:, :j].T
+        theirs = reference_vectors[:, :j] @ reference_vectors[:, :j].T
+        assert np.linalg.norm(ours - theirs, 2) < atol, f"top-{j} subspaces differ"
+
+
+SOLVER_CASES = [
+    ("evr", "auto", 1e-10),
+    ("evd", "auto", 1e-10),
+    ("lanczos", "auto", 1e-10),
+    ("subspace", "float64", 1e-10),
+    ("subspace", "float32", 1e-5),
+]
+
+
+@pytest.mark.parametrize("solver, product_dtype, tol", SOLVER_CASES)
+@pytest.mark.parametrize("spectrum", ["decaying", "clustered"])
+def test_stored_solvers_match_numpy_eigh(solver, product_dtype, tol, spectrum):
+    n, k = 90, 20
+    values_in = None if spectrum == "decaying" else clustered_spectrum(n)
+    kernel = psd_matrix(n, spectrum=values_in)
+    pairs = top_eigenpairs(
+        kernel, k, solver=solver, product_dtype=product_dtype, oversampling=10, seed=1
+    )
+    values, vectors = reference(kernel, k)
+    assert pairs.solver == solver
+    assert pairs.values.shape == (k,) and pairs.vectors.shape == (n, k)
+    np.testing.assert_allclose(pairs.values, values[:k], rtol=0, atol=tol * values[0])
+    assert np.all(np.diff(pairs.values) <= 0)
+    np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(k), atol=10 * tol)
+    assert_projectors_match(pairs.vectors, values, vectors, atol=100 * tol)
+    # Residuals of every pair, recomputed here from the explicit float64 kernel.
+    independent = np.linalg.norm(kernel @ pairs.vectors - pairs.vectors * pairs.values, axis=0)
+    np.testing.assert_allclose(pairs.residuals, independent / values[0], rtol=1e-6, atol=1e-15)
+    assert pairs.max_residual < tol
+    # Gaps from numpy's eigenvalues (the last pair's gap is two-sided for every solver but ARPACK).
+    expected = np.minimum(
+        np.concatenate([[np.inf], values[: k - 1] - values[1:k]]), values[:k] - values[1 : k + 1]
+    )
+    if solver == "lanczos":
+        expected[-1] = values[k - 2] - values[k - 1]
+    np.testing.assert_allclose(pairs.gaps, expected / values[0], rtol=0, atol=10 * tol)
+    peaks = pairs.vectors[np.argmax(np.abs(pairs.vectors), axis=0), np.arange(k)]
+    assert np.all(peaks > 0)
+    assert pairs.passes >= 1 and (pairs.iterations > 0) == (solver in ("subspace", "lanczos"))
+
+
+def test_clustered_pairs_are_flagged_unresolved():
+    kernel = psd_matrix(60, spectrum=clustered_spectrum(60))
+    pairs = top_eigenpairs(kernel, 14, solver="subspace", product_dtype="float64")
+    unresolved = pairs.gaps <= pairs.residuals + 1e-8
+    # The 3-fold near-cluster (indices 4..6) and the exact double (11, 12) are not resolved.
+    assert set(np.flatnonzero(unresolved)) == {4, 5, 6, 11, 12}
+    assert pairs.summary()["num_unresolved"] == 5
+
+
+@pytest.mark.parametrize("product_dtype", ["float32", "float64"])
+def test_subspace_streams_a_memmap_kernel(product_dtype, tmp_path, monkeypatch):
+    # Panels of 16 rows: the kernel file is read panel by panel (7 panels for N = 100).
+    monkeypatch.setattr(ntklab.eigen._pairs, "PANEL_BYTES", 16 * 100 * 8)
+    dtype = np.float32
+    kernel = psd_matrix(100, seed=4, dtype=dtype, spectrum=clustered_spectrum(100))
+    path = tmp_path / "kernel.npy"
+    np.save(path, kernel)
+    mapped = np.load(path, mmap_mode="r")
+    assert isinstance(mapped, np.memmap)
+    k = 25
+    pairs = top_eigenpairs(mapped, k, solver="subspace", product_dtype=product_dtype)
+    values, vectors = reference(kernel, k)
+    np.testing.assert_allclose(pairs.values, values[:k], rtol=0, atol=2e-6 * values[0])
+    # Davis–Kahan: sin∠ <= ‖r‖ / gap = 5e-6 λ_1 / (λ_2 − λ_3) ≈ 2e-3 for this spectrum.
+    assert_projectors_match(pairs.vectors, values, vectors, atol=2e-3)
+    assert pairs.max_residual < 5e-6
+    assert pairs.passes == pairs.iterations + 1  # one product per iteration + the check
+    # Residuals measured from the solver's own products agree with the float64 check.
+    unverified = top_eigenpairs(
+        mapped, k, solver="subspace", product_dtype=product_dtype, verify=False
+    )
+    np.testing.assert_allclose(unverified.residuals, pairs.residuals, rtol=0.5, atol=2e-7)
+    assert unverified.passes == unverified.iterations
+
+
+def test_subspace_iteration_cap_warns_and_reports_the_true_residual(caplog):
+    kernel = psd_matrix(80, spectrum=clustered_spectrum(80))
+    pairs = top_eigenpairs(kernel, 20, solver="subspace", num_iterations=2, oversampling=2)
+    assert "subspace iteration stopped after num_iterations=2" in caplog.text
+    assert pairs.max_residual > 1e-4
+    assert pairs.max_residual == pytest.approx(
+        max_relative_residual(kernel, pairs.values, pairs.vectors)
+    )
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matches_numpy_eigh(solver, dtype):
+def test_auto_matches_numpy_eigh(dtype):
     kernel = psd_matrix(60, dtype=dtype)
     k = 8
-    pairs = top_eigenpairs(kernel, k, solver=solver)
-    reference_values, reference_vectors = np.linalg.eigh(kernel.astype(np.float64))
-    reference_values, reference_vectors = (
-        reference_values[::-1][:k],
-        reference_vectors[:, ::-1][:, :k],
-    )
+    pairs = top_eigenpairs(kernel, k)
+    values, vectors = reference(kernel, k)
     tol = 1e-10 if dtype == np.float64 else 1e-5
-    np.testing.assert_allclose(pairs.values, reference_values, rtol=tol * 10)
-    assert np.all(np.diff(pairs.values) <= 0)
-    # Same vectors up to sign (the spectrum is non-degenerate).
-    overlaps = np.abs(np.sum(pairs.vectors * reference_vectors, axis=0))
+    np.testing.assert_allclose(pairs.values, values[:k], rtol=tol * 10)
+    overlaps = np.abs(np.sum(pairs.vectors * vectors[:, :k], axis=0))
     np.testing.assert_allclose(overlaps, 1.0, atol=tol * 100)
-    np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(k), atol=tol * 100)
     assert pairs.max_residual < tol * 100
-    assert pairs.solver in {"dense", "lanczos"}
+    assert pairs.solver == "evr"
 
 
-def test_sign_convention_largest_entry_positive():
-    pairs = top_eigenpairs(psd_matrix(30, seed=2), 5, solver="dense")
-    peaks = pairs.vectors[np.argmax(np.abs(pairs.vectors), axis=0), np.arange(5)]
-    assert np.all(peaks > 0)
+def test_choose_solver_follows_size_memory_and_k():
+    gib = 1 << 30
+    assert choose_solver(6102, 1000, 4, ram_bytes=24 * gib) == "evr"
+    assert choose_solver(6102, 4000, 4, ram_bytes=24 * gib) == "evd"
+    assert choose_solver(20000, 1000, 4, ram_bytes=24 * gib) == "subspace"
+    assert choose_solver(60000, 1000, 4, ram_bytes=24 * gib) == "subspace"
+    assert choose_solver(5000, 100, 8, ram_bytes=gib // 4) == "subspace"  # LAPACK won't fit
+    assert choose_solver(5000, 4999, 8, ram_bytes=gib // 4) == "evd"  # iterative needs k < N-1
 
 
-def test_auto_uses_lanczos_for_large_n(monkeypatch):
-    import ntklab.eigen
+def test_auto_uses_subspace_beyond_dense_max_n(monkeypatch):
+    monkeypatch.setattr(ntklab.eigen._stored, "DENSE_MAX_N", 50)
+    kernel = psd_matrix(80)
+    pairs = top_eigenpairs(kernel, 4, solver="auto")
+    assert pairs.solver == "subspace"
+    assert top_eigenpairs(kernel, 4, solver="dense").solver == "evr"
+    assert top_eigenpairs(kernel, 79, solver="auto").solver == "evd"
 
-    monkeypatch.setattr(ntklab.eigen, "DENSE_MAX_N", 50)
-    pairs = top_eigenpairs(psd_matrix(80), 4, solver="auto")
-    assert pairs.solver == "lanczos"
-    pairs = top_eigenpairs(psd_matrix(80), 30, solver="auto")
-    assert pairs.solver == "dense"
 
-
-def test_residual_detects_wrong_pairs():
+def test_residuals_and_gaps_detect_wrong_pairs():
     kernel = psd_matrix(20)
     pairs = top_eigenpairs(kernel, 3)
-    wrong = max_relative_residual(kernel, pairs.values * 1.1, pairs.vectors)
-    assert wrong > 0.05
+    assert max_relative_residual(kernel, pairs.values * 1.1, pairs.vectors) > 0.05
     assert pairs.max_residual < 1e-12
+    np.testing.assert_allclose(
+        pair_residuals(kernel, pairs.values, pairs.vectors[:, ::-1])[[0, 2]] > 0.1, True
+    )
+    np.testing.assert_allclose(relative_gaps(np.array([10.0, 8.0, 7.5]), 7.0), [0.2, 0.05, 0.05])
+    np.testing.assert_allclose(relative_gaps(np.array([10.0, 8.0, 7.5])), [0.2, 0.05, 0.05])
+    assert relative_gaps(np.array([4.0])).tolist() == [np.inf]
 
 
 def test_errors_name_the_bad_value():
@@ -84,6 +201,14 @@ def test_errors_name_the_bad_value():
         top_eigenpairs(kernel, 2, solver="qr")
     with pytest.raises(ValueError, match=r"square \[N, N\]"):
         top_eigenpairs(kernel[:5], 2)
+    with pytest.raises(ValueError, match="unknown product_dtype 'half'; valid choices: auto"):
+        top_eigenpairs(kernel, 2, product_dtype="half")
+    with pytest.raises(ValueError, match="oversampling must be a non-negative integer, got -2"):
+        top_eigenpairs(kernel, 2, oversampling=-2)
+    with pytest.raises(ValueError, match="num_iterations must be a positive integer, got 0"):
+        top_eigenpairs(kernel, 2, num_iterations=0)
+    with pytest.raises(ValueError, match="tol must be positive"):
+        top_eigenpairs(kernel, 2, tol=-1.0)
 
 
 # Matrix-free and Nyström eigenpairs of a real network's eNTK, against numpy.linalg.eigh of the
@@ -127,19 +252,6 @@ def problems(networks):
         return cache[key]
 
     return problem
-
-
-def assert_top_subspaces_match(vectors, reference_values, reference_vectors, *, atol):
-    """‖P_j − P_j^ref‖₂ <= atol for every top-j group (j <= k) ending at a clear spectral gap, so
-    near-degenerate eigenvalues (whose individual vectors are ill-defined) cannot fail it."""
-    k = vectors.shape[1]
-    gaps = (reference_values[:k] - reference_values[1 : k + 1]) / reference_values[0]
-    checked = [j + 1 for j in range(k) if gaps[j] > 1e-3]
-    assert checked, "no spectral gap to compare subspaces at"
-    for j in checked:
-        ours = vectors[:, :j] @ vectors[:, :j].T
-        reference = reference_vectors[:, :j] @ reference_vectors[:, :j].T
-        assert np.linalg.norm(ours - reference, 2) < atol, f"top-{j} subspaces differ"
 
 
 @pytest.mark.parametrize("implementation", ["products", "jacobian"])
@@ -198,7 +310,7 @@ def test_matrix_free_matches_dense_eigh(name, method, problems, float64):
     np.testing.assert_allclose(pairs.values, values[:k], rtol=1e-6)
     assert np.all(np.diff(pairs.values) <= 0)
     np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(k), atol=1e-10)
-    assert_top_subspaces_match(pairs.vectors, values, vectors, atol=1e-6)
+    assert_projectors_match(pairs.vectors, values, vectors, atol=1e-6)
     peaks = pairs.vectors[np.argmax(np.abs(pairs.vectors), axis=0), np.arange(k)]
     assert np.all(peaks > 0)
     # The reported residual is the true one (checked with the explicit kernel) and small.
@@ -238,11 +350,11 @@ def test_matrix_free_rank_deficient_kernel(problems, float64):
     apply_fn, params, x, _, values, vectors = problems("mlp", n=20, duplicates=8)
     pairs = matrix_free_eigenpairs(apply_fn, params, x, 5, oversampling=10, batch_size=8)
     np.testing.assert_allclose(pairs.values, values[:5], rtol=1e-8)
-    assert_top_subspaces_match(pairs.vectors, values, vectors, atol=1e-6)
+    assert_projectors_match(pairs.vectors, values, vectors, atol=1e-6)
     np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(5), atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["block_krylov", "lobpcg", "lanczos"])
+@pytest.mark.parametrize("method", ["block_krylov", "lobpcg", "lanczos", "subspace"])
 def test_solvers_on_an_exactly_degenerate_spectrum(method):
     # Top eigenvalue 5 with multiplicity 3, then a decaying tail: any orthonormal basis of the
     # cluster is correct, so compare the cluster's projector, and a k = 2 request must return
@@ -253,7 +365,7 @@ def test_solvers_on_an_exactly_degenerate_spectrum(method):
     kernel = (basis * spectrum) @ basis.T
     cluster = basis[:, :3] @ basis[:, :3].T
     for k in (2, 3, 5):
-        values, vectors = METHODS[method](
+        result = METHODS[method](
             lambda v: kernel @ v,
             n,
             k,
@@ -261,10 +373,10 @@ def test_solvers_on_an_exactly_degenerate_spectrum(method):
             num_iterations=200,
             tol=1e-11,
             rng=np.random.default_rng(0),
-            report=lambda residual: None,
+            report=lambda residual, converged=None: None,
         )
-        order = np.argsort(values)[::-1]
-        values, vectors = values[order], vectors[:, order]
+        order = np.argsort(result.values)[::-1]
+        values, vectors = result.values[order], result.vectors[:, order]
         np.testing.assert_allclose(values, spectrum[:k], rtol=1e-9)
         top = vectors[:, : min(k, 3)]
         np.testing.assert_allclose(cluster @ top, top, atol=1e-8)
@@ -278,7 +390,7 @@ def test_nystrom_with_all_landmarks_is_exact(problems, float64):
     pairs = nystrom_eigenpairs(apply_fn, params, x, NUM_EIGVECS, num_landmarks=40, batch_size=16)
     assert pairs.solver == "nystrom"
     np.testing.assert_allclose(pairs.values, values[:NUM_EIGVECS], rtol=1e-9)
-    assert_top_subspaces_match(pairs.vectors, values, vectors, atol=1e-7)
+    assert_projectors_match(pairs.vectors, values, vectors, atol=1e-7)
     np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(NUM_EIGVECS), atol=1e-10)
     assert pairs.max_residual < 1e-9
 

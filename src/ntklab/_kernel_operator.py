@@ -1,10 +1,9 @@
-"""Matrix-free eNTK eigensolving: the operator K·V = J (Jᵀ V) and the block solvers using it.
+"""Matrix-free eNTK products: the operator K·V = J (Jᵀ V) (its solvers are in ``ntklab.eigen``).
 
 Dimensions: N examples, P parameters, B examples per block, b vectors in a block, m basis vectors.
 
     operator = NtkOperator(apply_fn, params, x, batch_size=256, width=8)   # x [N, H, W, C]
     product = operator.matmat(vectors)                        # [N, b] -> [N, b], float64
-    values, vectors = METHODS["block_krylov"](operator.matmat, n, k, block=8, ...)  # [k], [N, k]
 
 For a scalar-output network f(θ, x) with per-example Jacobian J [N, P], one product takes two passes
 over the data in blocks of B examples: the first accumulates Jᵀ V = Σ_blocks J_blockᵀ V_block as b
@@ -13,7 +12,7 @@ either by NTK-vector products (``"products"``: a VJP, then a JVP, each vmapped o
 the block's forward pass is shared) or through the block's per-example Jacobian [B, P] and a matrix
 product (``"jacobian"``), which is cheaper once b exceeds a few vectors. Memory is O(b·P) for the
 accumulator plus one block's working set (about b·B activations, or the [B, P] Jacobian), never
-N·P. The solvers see K only through ``matmat`` and work in float64 on the host.
+N·P. The solvers (:mod:`ntklab.eigen`) see K only through ``matmat``, in float64 on the host.
 Private to ntklab: :mod:`ntklab.eigen` is the caller.
 """
 
@@ -23,13 +22,11 @@ import functools
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse.linalg
 from jax.flatten_util import ravel_pytree
 
 from ntklab.types import ApplyFn, PyTree
@@ -49,12 +46,6 @@ def default_workspace_bytes() -> int:
 
 MatmatFn = Callable[[np.ndarray], np.ndarray]
 """``matmat(vectors [N, b]) -> K vectors [N, b]`` (float64), the solvers' only access to K."""
-
-KRYLOV_MAX_BLOCKS = 5
-"""Block Krylov keeps at most this many blocks of basis vectors, then restarts thick."""
-
-KRYLOV_KEEP_BLOCKS = 2
-"""A thick restart keeps this many blocks' worth of the top Ritz vectors (and their products)."""
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -307,178 +298,3 @@ class NtkOperator:
                     "parameters, those inputs and the vectors"
                 )
         raise ValueError("Jᵀ V is non-finite; check the model parameters, inputs and vectors")
-
-
-def _orthonormal_block(
-    block: np.ndarray, basis: np.ndarray | None, rng: np.random.Generator
-) -> np.ndarray:
-    """Orthonormal columns [N, b] spanning ``block`` [N, b] minus its part in span(basis [N, m]).
-
-    Columns that are (numerically) in the span of the basis and the other columns are replaced by
-    random directions, so the block keeps its width (and its compiled shape).
-    """
-    block = block / np.maximum(np.linalg.norm(block, axis=0), np.finfo(np.float64).tiny)
-    for _ in range(3):
-        for _ in range(2):  # classical Gram–Schmidt, twice, is enough
-            if basis is not None:
-                block = block - basis @ (basis.T @ block)
-        q, r = np.linalg.qr(block)
-        weak = np.abs(np.diag(r)) < 1e-8
-        if not weak.any():
-            return q
-        block = q
-        block[:, weak] = rng.standard_normal((len(block), int(weak.sum())))
-    raise RuntimeError("could not extend the Krylov basis with independent directions")
-
-
-def block_krylov(
-    matmat: MatmatFn,
-    n: int,
-    k: int,
-    *,
-    block: int,
-    num_iterations: int,
-    tol: float,
-    rng: np.random.Generator,
-    report: Callable[[float | None], None],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs by randomized block Krylov iteration with Rayleigh–Ritz.
-
-    The basis Q [N, m] grows by one block of b vectors per product: the residuals K v − θ v of the
-    top b Ritz vectors, orthonormalized against Q, which spans the same space as the next block
-    Krylov power K^j Ω but is better conditioned. The products K Q are kept, so the Rayleigh
-    quotient Qᵀ K Q and the Ritz residuals cost no extra products. When Q would exceed
-    ``KRYLOV_MAX_BLOCKS`` blocks it restarts with the top Ritz vectors (thick restart).
-    """
-    max_basis = min(n, KRYLOV_MAX_BLOCKS * block)
-    basis = _orthonormal_block(rng.standard_normal((n, block)), None, rng)
-    products = matmat(basis)
-    gram = basis.T @ products
-    for iteration in range(1, num_iterations + 1):
-        ritz_values, rotation = np.linalg.eigh((gram + gram.T) / 2)
-        ritz_values, rotation = ritz_values[::-1], rotation[:, ::-1]
-        kept = min(basis.shape[1], KRYLOV_KEEP_BLOCKS * block)
-        ritz, images = basis @ rotation[:, :kept], products @ rotation[:, :kept]
-        residuals = images - ritz * ritz_values[None, :kept]
-        scale = max(abs(ritz_values[0]), np.finfo(np.float64).tiny)
-        errors = np.linalg.norm(residuals[:, :k], axis=0) / scale
-        report(float(errors.max()))
-        if errors.max() < tol or basis.shape[1] == n:
-            break
-        if iteration == num_iterations:
-            logger.warning(
-                "block Krylov stopped after num_iterations=%d products with max relative residual "
-                "%.2e > tol=%.1e; raise num_iterations or oversampling",
-                num_iterations,
-                errors.max(),
-                tol,
-            )
-            break
-        if basis.shape[1] + block > max_basis and kept < basis.shape[1]:
-            basis, products, gram = ritz, images, np.diag(ritz_values[:kept])
-        width = min(block, n - basis.shape[1])
-        new = _orthonormal_block(residuals[:, :width], basis, rng)
-        new_products = matmat(new)
-        cross = basis.T @ new_products
-        gram = np.block([[gram, cross], [cross.T, new.T @ new_products]])
-        basis = np.concatenate([basis, new], axis=1)
-        products = np.concatenate([products, new_products], axis=1)
-    return ritz_values[:k], ritz[:, :k]
-
-
-def lobpcg(
-    matmat: MatmatFn,
-    n: int,
-    k: int,
-    *,
-    block: int,
-    num_iterations: int,
-    tol: float,
-    rng: np.random.Generator,
-    report: Callable[[float | None], None],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs by SciPy's LOBPCG on a ``LinearOperator``, blocks of b vectors.
-
-    LOBPCG's tolerance is absolute (‖K x − θ x‖ per vector), so it is scaled by σ_max(K Ω) <= λ_1
-    from one power step K Ω of a random orthonormal block Ω, whose range starts the iteration.
-    """
-    start = _orthonormal_block(rng.standard_normal((n, block)), None, rng)
-    image = matmat(start)
-    report(None)
-    scale = float(np.linalg.norm(image, 2))
-
-    def counted(vectors: np.ndarray) -> np.ndarray:
-        product = matmat(vectors)
-        report(None)
-        return product
-
-    operator = scipy.sparse.linalg.LinearOperator(
-        (n, n), matvec=lambda v: counted(v.reshape(n, 1)).ravel(), matmat=counted, dtype=np.float64
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        values, vectors = scipy.sparse.linalg.lobpcg(
-            operator,
-            _orthonormal_block(image, None, rng),
-            tol=tol * scale,
-            maxiter=num_iterations,
-            largest=True,
-        )
-    messages = [" ".join(str(warning.message).split()) for warning in caught]
-    for message in messages:
-        logger.debug("scipy lobpcg: %s", message)
-    if any("not reaching the requested tolerance" in message for message in messages):
-        logger.warning(
-            "LOBPCG stopped after num_iterations=%d iterations above tol=%.1e; raise "
-            "num_iterations or oversampling",
-            num_iterations,
-            tol,
-        )
-    order = np.argsort(values)[::-1][:k]
-    return values[order], vectors[:, order]
-
-
-def lanczos(
-    matmat: MatmatFn,
-    n: int,
-    k: int,
-    *,
-    block: int,
-    num_iterations: int,
-    tol: float,
-    rng: np.random.Generator,
-    report: Callable[[float | None], None],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k eigenpairs by ARPACK's implicitly restarted Lanczos (one vector per product)."""
-    operator = scipy.sparse.linalg.LinearOperator(
-        (n, n), matvec=lambda v: matmat(v.reshape(n, 1)).ravel(), matmat=matmat, dtype=np.float64
-    )
-    try:
-        return scipy.sparse.linalg.eigsh(
-            operator,
-            k=k,
-            which="LA",
-            tol=tol,
-            v0=rng.standard_normal(n),
-            ncv=min(n, max(2 * k + 1, block, 20)),
-            maxiter=num_iterations,
-        )
-    except scipy.sparse.linalg.ArpackNoConvergence as error:
-        if len(error.eigenvalues) < k:
-            raise RuntimeError(
-                f"Lanczos converged {len(error.eigenvalues)} of {k} eigenpairs in "
-                f"{num_iterations} restarts; raise num_iterations or tol"
-            ) from error
-        logger.warning(
-            "Lanczos stopped after num_iterations=%d restarts above tol=%.1e; raise num_iterations",
-            num_iterations,
-            tol,
-        )
-        return error.eigenvalues, error.eigenvectors
-
-
-METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
-    "block_krylov": block_krylov,
-    "lobpcg": lobpcg,
-    "lanczos": lanczos,
-}

@@ -1,0 +1,72 @@
+"""Top-k eigenpairs of an empirical NTK: from a stored kernel, matrix-free, or by Nyström.
+
+Dimensions: N examples, P parameters, k eigenpairs, b vectors in a block, m Nyström landmarks.
+
+    pairs = top_eigenpairs(kernel, num_eigvecs=1000)  # kernel [N, N] array or .npy memmap
+    pairs.values, pairs.vectors                       # [k] descending, [N, k] orthonormal
+    pairs.residuals, pairs.gaps                       # [k]: ‖Kv − λv‖/λ_1, relative gaps
+    pairs.iterations, pairs.passes, pairs.max_residual
+    pairs = matrix_free_eigenpairs(apply_fn, params, x, 10)          # x [N, H, W, C]; no K, no J
+    pairs = nystrom_eigenpairs(apply_fn, params, x, 10, num_landmarks=500)   # K [N, m] only
+
+How the stored-kernel solver is chosen (``solver="auto"``, :func:`choose_solver`): LAPACK's
+MRRR subset driver ``syevr`` (``"evr"``, top-k only) while N <= ``DENSE_MAX_N`` and the kernel
+plus LAPACK's workspace (≈ 3 N² words) fit in half the RAM — or divide and conquer ``syevd``
+(``"evd"``) when k > N / 2; beyond that, blocked subspace iteration (``"subspace"``): each
+iteration is one GEMM K X over the still-unconverged block X [N, a] (float32 by default: the
+accuracy target is relative to λ_1, so a float32 product suffices), streamed in row panels when
+K is a ``np.memmap`` (the engine writes out-of-core kernels as ``.npy`` memmaps), followed by
+Cholesky QR2 orthonormalization and Rayleigh–Ritz in float64 (SciPy/LAPACK ``cholesky``,
+``solve_triangular``, ``eigh``), with converged leading pairs locked. Its work is O(N² b) per
+iteration in GEMMs, against LAPACK's O(N³) tridiagonal reduction, which is memory-bound half of
+the time; the measured crossover on the project machine is in BENCHMARKS.md ("Eigensolvers at
+scale"). ARPACK Lanczos (``"lanczos"``) remains for small k.
+
+``matrix_free_eigenpairs`` never forms K [N, N] or the Jacobian J [N, P]: it applies
+K·V = J (Jᵀ V) to blocks V [N, b] with one VJP and one JVP pass over the data inside a block
+Krylov, LOBPCG, Lanczos or subspace solver. ``nystrom_eigenpairs`` eigendecomposes the Nyström
+approximation K_nm K_mm⁺ K_nmᵀ built from m landmark columns of K and reports its residuals
+against the true kernel.
+
+Every result carries each pair's residual ‖K v_j − λ_j v_j‖ / λ_1 against the true kernel and its
+relative gap min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1: a pair whose gap is below its residual is
+not resolved individually. Eigenvectors are only defined up to sign; each vector's entry of
+largest magnitude is made positive, which makes the eigenfunction labels (sign(v) + 1) / 2
+reproducible.
+"""
+
+from ntklab.eigen._iterative import METHODS, SolverResult
+from ntklab.eigen._matrix_free import matrix_free_eigenpairs, nystrom_eigenpairs
+from ntklab.eigen._pairs import (
+    Eigenpairs,
+    max_relative_residual,
+    pair_residuals,
+    relative_gaps,
+)
+from ntklab.eigen._stored import (
+    DENSE_MAX_N,
+    PRODUCT_DTYPES,
+    SOLVERS,
+    Solver,
+    choose_solver,
+    default_oversampling,
+    top_eigenpairs,
+)
+
+__all__ = [
+    "DENSE_MAX_N",
+    "METHODS",
+    "PRODUCT_DTYPES",
+    "SOLVERS",
+    "Eigenpairs",
+    "Solver",
+    "SolverResult",
+    "choose_solver",
+    "default_oversampling",
+    "matrix_free_eigenpairs",
+    "max_relative_residual",
+    "nystrom_eigenpairs",
+    "pair_residuals",
+    "relative_gaps",
+    "top_eigenpairs",
+]

@@ -1,0 +1,149 @@
+"""The result type of every eigensolver and the per-pair quality measures: residuals and gaps.
+
+Dimensions: N examples, k eigenpairs.
+
+    pairs.values, pairs.vectors          # [k] descending, [N, k] orthonormal
+    pair_residuals(kernel, values, vectors)   # [k]: ‖K v_j − λ_j v_j‖ / λ_1, float64
+    relative_gaps(values, next_value)         # [k]: min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+MatmatFn = Callable[[np.ndarray], np.ndarray]
+"""``matmat(vectors [N, b]) -> K vectors [N, b]`` (float64), an iterative solver's only access to K."""
+
+PANEL_BYTES = 1 << 28
+"""Kernel rows are read (and converted) in panels of at most this many bytes (256 MiB)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Eigenpairs:
+    """Top eigenpairs of a kernel and how well they are resolved.
+
+    Attributes:
+      values: eigenvalues [k], descending, float64.
+      vectors: orthonormal eigenvectors [N, k], column j belongs to ``values[j]``.
+      solver: the solver that produced them: ``"evr"``, ``"evd"``, ``"subspace"``, ``"lanczos"``,
+        ``"nystrom"`` or ``"matrix_free:<method>"``.
+      residuals: ‖K v_j − λ_j v_j‖ / λ_1 of every pair [k] against the true kernel, float64.
+      gaps: relative gap of every pair [k], min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1 (one-sided
+        for j = 1; for j = k against the next eigenvalue when the solver knows it, else one-sided).
+        A pair whose gap is below its residual is not resolved: only its cluster's span is.
+      iterations: outer iterations of an iterative solver (0 for a direct LAPACK solve).
+      passes: full passes over the stored kernel by products (matrix-free: over the data),
+        including the residual check; a LAPACK solve counts as 1.
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray
+    solver: str
+    residuals: np.ndarray
+    gaps: np.ndarray
+    iterations: int = 0
+    passes: int = 0
+
+    @property
+    def max_residual(self) -> float:
+        """max_j ‖K v_j − λ_j v_j‖ / λ_1."""
+        return float(np.max(self.residuals))
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready scalars for ``meta.json``: solver, k, iterations, passes, residual, gap."""
+        return {
+            "solver": self.solver,
+            "num_eigvecs": len(self.values),
+            "iterations": int(self.iterations),
+            "passes": int(self.passes),
+            "max_residual": self.max_residual,
+            "min_gap": float(np.min(self.gaps)),
+            "num_unresolved": int(np.sum(self.gaps <= self.residuals)),
+        }
+
+
+def sign_flips(vectors: np.ndarray) -> np.ndarray:
+    """±1 per column [k] that makes each column's entry of largest magnitude positive."""
+    peak = vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])]
+    return np.where(peak < 0, -1, 1).astype(vectors.dtype)
+
+
+def fix_signs(vectors: np.ndarray) -> np.ndarray:
+    """Flips each column [N, k] so that its entry of largest magnitude is positive."""
+    return vectors * sign_flips(vectors)
+
+
+def rows_per_panel(kernel: np.ndarray, itemsize: int = 8) -> int:
+    """Kernel rows per panel so that a panel of ``itemsize``-byte entries fits ``PANEL_BYTES``."""
+    return max(1, PANEL_BYTES // max(1, kernel.shape[1] * itemsize))
+
+
+def pair_residuals(
+    kernel: np.ndarray, values: np.ndarray, vectors: np.ndarray, *, panel_rows: int | None = None
+) -> np.ndarray:
+    """Returns ‖K v_j − λ_j v_j‖ / λ_1 of every pair [k], in float64.
+
+    Args:
+      kernel: [N, N] (an array or a ``np.memmap``, read in row panels converted to float64).
+      values: eigenvalues [k], descending (``values[0]`` is λ_1).
+      vectors: eigenvectors [N, k].
+      panel_rows: kernel rows converted to float64 at a time (None: ``PANEL_BYTES`` worth).
+    """
+    vectors64 = np.asarray(vectors, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    step = panel_rows or rows_per_panel(kernel)
+    squared = np.zeros(vectors.shape[1])
+    for start in range(0, kernel.shape[0], step):
+        rows = slice(start, start + step)
+        product = np.asarray(kernel[rows], dtype=np.float64) @ vectors64
+        product -= vectors64[rows] * values[None, :]
+        squared += np.einsum("ij,ij->j", product, product)
+    return np.sqrt(squared) / _scale(values)
+
+
+def max_relative_residual(
+    kernel: np.ndarray, values: np.ndarray, vectors: np.ndarray, *, rows_per_chunk: int = 4096
+) -> float:
+    """Returns max_j ‖K v_j − λ_j v_j‖ / λ_1 in float64.
+
+    Args:
+      kernel: [N, N].
+      values: eigenvalues [k], descending (``values[0]`` is λ_1).
+      vectors: eigenvectors [N, k].
+      rows_per_chunk: kernel rows converted to float64 at a time (bounds memory).
+    """
+    return float(pair_residuals(kernel, values, vectors, panel_rows=rows_per_chunk).max())
+
+
+def residuals_from_products(
+    products: np.ndarray, values: np.ndarray, vectors: np.ndarray
+) -> np.ndarray:
+    """‖K v_j − λ_j v_j‖ / λ_1 [k] from products K V [N, k], values [k] and vectors V [N, k]."""
+    values = np.asarray(values, dtype=np.float64)
+    residuals = np.asarray(products, dtype=np.float64) - np.asarray(vectors, np.float64) * values
+    return np.linalg.norm(residuals, axis=0) / _scale(values)
+
+
+def relative_gaps(values: np.ndarray, next_value: float | None = None) -> np.ndarray:
+    """Relative gap of every pair [k]: min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1.
+
+    Args:
+      values: eigenvalues [k], descending.
+      next_value: λ_{k+1} if known (then the last pair's gap is two-sided), else None.
+
+    Returns:
+      gaps [k], float64; with k = 1 and no ``next_value``, [inf].
+    """
+    values = np.asarray(values, dtype=np.float64)
+    extended = values if next_value is None else np.append(values, float(next_value))
+    differences = extended[:-1] - extended[1:]  # λ_j − λ_{j+1}
+    left = np.concatenate([[np.inf], differences[: len(values) - 1]])
+    right = differences if next_value is not None else np.append(differences, np.inf)
+    return np.minimum(left, right[: len(values)]) / _scale(values)
+
+
+def _scale(values: np.ndarray) -> float:
+    return max(abs(float(values[0])), np.finfo(np.float64).tiny)
