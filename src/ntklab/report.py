@@ -17,7 +17,14 @@ between runs, except the swept x key, ``seed`` and the series key. The x key is 
 linear, linear_nobias) or, for the comparison, each of its runs. Each point is the mean over the
 runs at that x (seeds), with a band of ± one standard deviation. The figures are
 ``{script}-{dataset}-{model}[-{key}={value}...]-{metric}-vs-{x key}.png`` and ``.pdf``, next to
-``report.csv`` and ``report_summary.csv`` (the plotted means, deviations and counts).
+``report.csv`` and ``report_summary.csv`` (the plotted means, deviations, counts and chance).
+The chance line is the mean majority-class rate of the evaluated labels (``test/majority_rate``,
+recorded by every training run); the legend says what the band spans: initializations when the
+repeats have distinct ``init_params_sha256``, otherwise that they share θ0. For eigenfunction
+sweeps whose network runs saved ``alignment.npz`` the study's alignment figures are drawn too: the
+normalised growth φ_vᵀK_Tφ_v / φ_vᵀK_0φ_v ÷ median against v, one line per trained index k, and
+a heatmap over (k, v). ``report.md`` gathers every figure with its table (mean ± std, n, chance),
+readable on GitHub.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ntklab import artifacts
-from ntklab.plots import sweep_figure
+from ntklab.plots import alignment_sweep_figures, axis_label, normalized_ratio, sweep_figure
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +176,13 @@ def summarize(
       ``series -> (x [m], mean [m], std [m], count [m])``. Groups without the metric or without
       any of ``X_KEYS`` are left out.
     """
+    return [(group, x_key, curves) for group, x_key, _, curves in _figures(rows, metric)]
+
+
+def _figures(
+    rows: Sequence[dict[str, Any]], metric: str
+) -> list[tuple[dict[str, Any], str, list[dict], dict[str, tuple[np.ndarray, ...]]]]:
+    """:func:`summarize`, keeping each figure's rows."""
     figures = []
     for group, x_key, members in _groups(rows):
         points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -189,8 +203,57 @@ def summarize(
                 np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]),
                 np.array([len(v) for v in values]),
             )
-        figures.append((group, x_key, curves))
+        figures.append((group, x_key, members, curves))
     return figures
+
+
+def chance_curve(
+    rows: Sequence[dict[str, Any]], metric: str, x_key: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The chance line of ``metric``: the mean majority-class rate of the evaluated labels per x.
+
+    A training run records ``{split}/majority_rate``, the fraction of its ``split`` labels in the
+    most common class (what a constant prediction scores); for ``test/acc`` the chance line is
+    the mean of ``test/majority_rate`` over the runs at each x.
+
+    Returns:
+      ``(x [m], rate [m])``, or None when no run records the rate (or the metric has no split).
+    """
+    split = metric.split("/")[0]
+    key = f"{split}/majority_rate"
+    points: dict[float, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get(x_key) is not None and _finite(row.get(key)):
+            points[float(row[x_key])].append(float(row[key]))
+    if not points or "/" not in metric:
+        return None
+    xs = np.array(sorted(points))
+    return xs, np.array([np.mean(points[x]) for x in xs])
+
+
+def band_label(rows: Sequence[dict[str, Any]], x_key: str) -> str:
+    """What the ±1 std band of a figure spans: initializations, or only data orders.
+
+    Runs record ``init_params_sha256``, the digest of their initial parameters θ0. When every
+    repeat at an x has its own θ0 the band spans initializations; when they share θ0 (``seed``
+    changed only the minibatch order) the label says so; without the digest it says "runs".
+    """
+    repeats: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        series = row.get("mode", row.get("linearize"))
+        repeats[(row.get(x_key), json.dumps(series, default=str))].append(row)
+    if not repeats:
+        return "±1 std over runs"
+    count = max(len(members) for members in repeats.values())
+    if not all("init_params_sha256" in row for row in rows):
+        return f"±1 std over {count} runs (initialization not recorded)"
+    distinct = min(
+        len({row["init_params_sha256"] for row in members}) / len(members)
+        for members in repeats.values()
+    )
+    if distinct == 1.0:
+        return f"±1 std over {count} initializations"
+    return f"±1 std over {count} runs sharing an initialization (seeds vary the data order)"
 
 
 def _groups(rows: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], str, list[dict]]]:
@@ -256,11 +319,11 @@ def _finite(value: Any) -> bool:
 
 
 def _xscale(x_key: str, curves: dict[str, tuple[np.ndarray, ...]]) -> str:
-    """``log`` for sample counts, ``symlog`` for indices spanning two decades, else ``linear``."""
+    """``log`` for sample counts, ``index`` (symlog, integer ticks) for indices spanning a decade."""
     if x_key == "data.num_train":
         return "log"
     largest = max(float(np.max(xs)) for xs, *_ in curves.values())
-    return "symlog" if largest >= 100 else "linear"
+    return "index" if largest >= 10 else "linear"
 
 
 def _figure_name(group: dict[str, Any], metric: str, x_key: str) -> str:
@@ -273,7 +336,7 @@ def _figure_name(group: dict[str, Any], metric: str, x_key: str) -> str:
 def report(
     folder: str | Path, *, out: str | Path | None = None, metrics: Sequence[str] = ("test/acc",)
 ) -> list[Path]:
-    """Writes ``report.csv``, ``report_summary.csv`` and the figures of a sweep.
+    """Writes ``report.csv``, ``report_summary.csv``, the figures and ``report.md`` of a sweep.
 
     Args:
       folder: the multirun folder.
@@ -286,49 +349,139 @@ def report(
     Raises:
       FileNotFoundError: no ``metrics.json`` below ``folder``.
     """
+    folder = Path(folder)
     out = Path(folder if out is None else out)
     rows = collect(folder)
     unfinished = find_runs(folder)[1]
     written = [out / "report.csv", out / "report_summary.csv"]
     write_csv(rows, written[0])
-    summary_rows = []
+    summary_rows, sections = [], []
     for metric in metrics:
-        for group, x_key, curves in summarize(rows, metric):
-            title = ", ".join(f"{key}={value}" for key, value in group.items())
+        for group, x_key, members, curves in _figures(rows, metric):
+            title = _title(group)
+            chance = chance_curve(members, metric, x_key)
+            band = band_label(members, x_key)
             figure = sweep_figure(
                 curves,
                 xlabel=x_key,
                 ylabel=metric,
                 title=title,
                 xscale=_xscale(x_key, curves),
+                chance=chance,
+                band=band,
             )
             stem = _figure_name(group, metric, x_key)
             for suffix in ("png", "pdf"):
                 artifacts.save_figure(figure, out / f"{stem}.{suffix}")
                 written.append(out / f"{stem}.{suffix}")
+            chance_at = dict(zip(*chance, strict=True)) if chance is not None else {}
+            table = []
             for series, (xs, means, stds, counts) in curves.items():
                 for x, mean, std, count in zip(xs, means, stds, counts, strict=True):
-                    summary_rows.append(
-                        {
-                            **{k: v for k, v in group.items()},
-                            "metric": metric,
-                            "series": series,
-                            "x_key": x_key,
-                            "x": x,
-                            "mean": mean,
-                            "std": std,
-                            "count": count,
-                        }
-                    )
+                    row = {
+                        **{k: v for k, v in group.items()},
+                        "metric": metric,
+                        "series": series,
+                        "x_key": x_key,
+                        "x": x,
+                        "mean": mean,
+                        "std": std,
+                        "count": count,
+                        "chance": chance_at.get(float(x), math.nan),
+                    }
+                    summary_rows.append(row)
+                    table.append(row)
+            sections.append((f"{axis_label(metric)}: {title}", f"{stem}.png", band, table))
+    for stem, group, lines, heatmap in _alignment_figures(folder, rows):
+        for name, figure in ((f"{stem}-alignment", lines), (f"{stem}-alignment-heatmap", heatmap)):
+            for suffix in ("png", "pdf"):
+                artifacts.save_figure(figure, out / f"{name}.{suffix}")
+                written.append(out / f"{name}.{suffix}")
+        caption = f"kernel alignment: {_title(group)}"
+        sections.append((caption, f"{stem}-alignment.png", None, []))
+        sections.append((caption + " (heatmap)", f"{stem}-alignment-heatmap.png", None, []))
     for row in summary_rows:
         row["_config_keys"] = set()
     write_csv(summary_rows, written[1])
+    written.append(out / "report.md")
+    _write_page(written[-1], folder, len(rows), unfinished, sections)
     _print_table(summary_rows)
     if unfinished:
         print(f"warning: skipped {len(unfinished)} unfinished run(s) (no {artifacts.META_FILE}):")
         for path in unfinished:
             print(f"  {path}")
     return written
+
+
+def _title(group: dict[str, Any]) -> str:
+    """``lenet on cifar10 (train_ntk), train.max_lr=0.1``: no key whose value is missing."""
+    head = f"{group.get('model.name')} on {group.get('data.dataset')} ({group.get('script')})"
+    rest = [f"{k}={v}" for k, v in group.items() if k not in GROUP_KEYS and v is not None]
+    return ", ".join([head, *rest]).replace("None on None ", "").replace("None on ", "")
+
+
+def _alignment_figures(folder: Path, rows: Sequence[dict[str, Any]]) -> list[tuple]:
+    """``(stem, group, lines, heatmap)`` per eigenfunction sweep whose network runs saved
+    ``alignment.npz``: the normalised growth φ_vᵀK_Tφ_v / φ_vᵀK_0φ_v ÷ median over v (all
+    samples), averaged over repeats, per trained index k."""
+    runs = [
+        row
+        for row in rows
+        if row.get("script") == "train_ntk"
+        and row.get("label_idx") is not None
+        and (folder / row["run_dir"] / "alignment.npz").is_file()
+    ]
+    figures = []
+    for group, _, members in _groups(runs):
+        per_index: dict[int, list[np.ndarray]] = defaultdict(list)
+        common: np.ndarray | None = None
+        loaded = []
+        for row in members:
+            arrays = artifacts.load_arrays(folder / row["run_dir"] / "alignment.npz")
+            if "final_all" not in arrays or "init_all" not in arrays:
+                continue
+            loaded.append((int(row["label_idx"]), arrays))
+            indices = arrays["indices"]
+            common = indices if common is None else np.intersect1d(common, indices)
+        if common is None or not len(common):
+            continue
+        for label_idx, arrays in loaded:
+            keep = np.isin(arrays["indices"], common)
+            ratio = normalized_ratio(arrays["final_all"][keep], arrays["init_all"][keep])
+            per_index[label_idx].append(ratio)
+        ratios = {k: np.mean(values, axis=0) for k, values in sorted(per_index.items())}
+        lines, heatmap = alignment_sweep_figures(common, ratios, title=_title(group))
+        stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", _figure_name(group, "alignment", "v"))
+        figures.append((stem.removesuffix("-alignment-vs-v"), group, lines, heatmap))
+    return figures
+
+
+def _write_page(
+    path: Path, folder: Path, num_runs: int, unfinished: Sequence[Path], sections: list[tuple]
+) -> None:
+    """``report.md``: per figure its table (mean ± std, n, chance) and the image."""
+    lines = [f"# Results: `{folder}`", "", f"{num_runs} finished runs."]
+    if unfinished:
+        lines += ["", f"**{len(unfinished)} unfinished run(s) skipped** (no meta.json):"]
+        lines += [f"- `{run}`" for run in unfinished]
+    for caption, image, band, table in sections:
+        lines += ["", f"## {caption}", "", f"![{caption}]({image})", ""]
+        if band:
+            lines += [f"Mean over repeats; ± is {band.removeprefix('±')}.", ""]
+        if table:
+            x_key = table[0]["x_key"]
+            lines += [
+                f"| {axis_label(x_key)} | series | mean ± std | n | chance |",
+                "|--:|---|--:|--:|--:|",
+            ]
+            for row in table:
+                chance = "" if not _finite(row["chance"]) else f"{row['chance']:.3f}"
+                lines.append(
+                    f"| {row['x']:g} | {row['series']} | {row['mean']:.3f} ± {row['std']:.3f} | "
+                    f"{row['count']} | {chance} |"
+                )
+    with artifacts.atomic_path(path) as temp:
+        temp.write_text("\n".join(lines) + "\n")
 
 
 def _print_table(rows: Sequence[dict[str, Any]]) -> None:
