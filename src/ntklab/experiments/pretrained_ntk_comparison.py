@@ -137,6 +137,7 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
             config=config,
             seed=cfg.seed,
             run_dir=folder,
+            checkpoint_dir=run_dir / "checkpoints" / name,
             progress=cfg.progress,
             desc=name,
         )

@@ -92,6 +92,7 @@ def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings
         config=config,
         seed=cfg.seed,
         run_dir=run_dir,
+        checkpoint_dir=run_dir / "checkpoints",
         progress=cfg.progress,
         desc=f"{mode} n={len(x_train)}",
     )

@@ -168,6 +168,7 @@ def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings
         config=config,
         seed=cfg.seed,
         run_dir=run_dir,
+        checkpoint_dir=run_dir / "checkpoints",
         progress=cfg.progress,
         desc=f"{mode} NAD {cfg.label_idx}",
     )

@@ -213,6 +213,7 @@ def _train(cfg, config, ntk_run: NTKRun, labels, run_folder, timings) -> None:
         config=config,
         seed=cfg.seed,
         run_dir=run_dir,
+        checkpoint_dir=run_dir / "checkpoints",
         progress=cfg.progress,
         desc=f"{mode} label {cfg.label_idx}",
     )
