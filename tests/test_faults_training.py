@@ -247,7 +247,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(
     np.testing.assert_array_equal(flat(result), reference("mlp"))
 
 
-def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path, caplog):
     folder = tmp_path / "ckpt"
     kwargs = problem("mlp")
     fit(**{**kwargs, "config": TrainConfig(epochs=2, batch_size=BATCH_SIZE)}, run_dir=None,
@@ -268,9 +268,11 @@ def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
                "train_apply_fn": train_apply_fn(tanh), "eval_apply_fn": eval_apply_fn(tanh)},
             run_dir=None, checkpoint_dir=folder)  # fmt: skip
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
-    # the cadence does not change results, so another one resumes
-    fit(**{**kwargs, "config": TrainConfig(epochs=2, batch_size=BATCH_SIZE, checkpoint_every=1)},
-        run_dir=None, checkpoint_dir=folder)  # fmt: skip
+    # the cadence and the evaluation batch do not change results: the finished run resumes
+    same = TrainConfig(epochs=2, batch_size=BATCH_SIZE, checkpoint_every=1, eval_batch_size=7)
+    with caplog.at_level(logging.INFO, logger="ntklab"):
+        fit(**{**kwargs, "config": same}, run_dir=None, checkpoint_dir=folder)
+    assert any("resumed from epoch 2 of 2" in message for message in caplog.messages)
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,8 @@ Evaluator = Callable[[TrainState], Mapping[str, float]]
 """``evaluator(state) -> {"split/metric": value}``, called at the end of training."""
 
 METRICS_LOG = "metrics.jsonl"
+NON_IDENTITY_OPTIONS = ("checkpoint_every", "eval_batch_size")
+"""Train options that do not change results (the evaluation batch only reorders float sums)."""
 PARAMS_FILE = "params.msgpack"
 
 
@@ -473,7 +475,7 @@ def _identity(
     """Everything that determines a run's results, for its checkpoints.
 
     The model enters as a digest of its lowered train and inference programs on one example (so
-    another activation, or other closed-over statistics, is another run); the checkpoint cadence,
+    another activation, or other closed-over statistics, is another run); ``NON_IDENTITY_OPTIONS``,
     the devices and the progress options do not enter.
     """
     x_one = jnp.asarray(data[0][:1])
@@ -482,7 +484,8 @@ def _identity(
     for function in (train, infer):
         programs.update(lower(function, params, batch_stats, x_one).as_text().encode())
     options = dataclasses.asdict(config)
-    options.pop("checkpoint_every")
+    for key in NON_IDENTITY_OPTIONS:
+        options.pop(key)
     return {
         "train": options,
         "seed": seed,
