@@ -12,8 +12,9 @@ Callers import only from here; every other module in this package is private.
 Files: ``_api`` (empirical_ntk, options), ``_operator`` (KernelOperator, K·V), ``_features``
 (the feature backend: per-example Jacobian features of a leaf group, structured Dense factors,
 projection, block contraction), ``_structure`` (which Dense layers are provably factorable),
-``_schedule`` (blocks, panels, parameter chunks, sharding, cost model, work units), ``_store``
-(in memory or checked resumable memmap).
+``_schedule`` (problem and plan: blocks, panels, parameter chunks, devices, cost model),
+``_units`` (compiled sharded per-block pieces and the loops over work units), ``_store`` (in
+memory or checked resumable memmap), ``_layerwise`` (fast per-example Jacobians, helper B).
 """
 
 from ntklab.ntk._api import (

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from ntklab.ntk import _schedule
+from ntklab.ntk import _schedule, _units
 from ntklab.ntk._store import KernelStore
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
@@ -192,9 +192,9 @@ def run_plan(
             f", projected to K={p.projection_dim}" if p.projection_dim else "",
         )  # fmt: skip
         runner = (
-            _schedule.products_units
+            _units.products_units
             if plan.implementation == "ntk_vector_products"
-            else _schedule.jacobian_units
+            else _units.jacobian_units
         )
         remaining = len(units) - len(store.done)
         bar = progress_bar(total=remaining, desc="ntk units", unit="unit", enabled=progress)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as Spec
 
-from ntklab.ntk import _schedule
+from ntklab.ntk import _schedule, _units
 from ntklab.ntk._api import OUTPUTS, check_choice, check_positive_int
 from ntklab.ntk._features import AXIS, Features
 from ntklab.types import ApplyFn, PyTree
@@ -252,8 +252,8 @@ class KernelOperator:
         b = vectors.shape[1]
         v = vectors.astype(self.dtype, copy=False)
         slices = plan.row_slices
-        groups = range(len(plan.param_groups))
         products = plan.implementation == "ntk_vector_products"
+        groups = range(1 if products else len(plan.param_groups))
         pull, push = _products_fns(plan) if products else _feature_fns(plan)
         totals: list[Any] = [None] * len(groups)
         for index, rows in enumerate(slices):
@@ -299,10 +299,8 @@ class KernelOperator:
         key = (index, group)
         if key in self._feature_cache:
             return self._feature_cache[key]
-        fn = _schedule.features_fn(plan, group)
-        feats = fn(
-            list(p.leaves), _schedule.projection_keys(p), p.put_block(p.x1, rows, plan.block)
-        )
+        fn = _units.features_fn(plan, group)
+        feats = fn(list(p.leaves), _units.projection_keys(p), p.put_block(p.x1, rows, plan.block))
         if self.cached:
             self._feature_cache[key] = feats
         return feats
@@ -328,7 +326,7 @@ def _feature_fns(plan: _schedule.Plan) -> tuple[list, list]:
                 jax.jit(jax.shard_map(push, mesh=p.mesh, in_specs=(row, Spec()), out_specs=vec)),
             )
 
-        pull_fn, push_fn = _schedule.cached(("operator", p.devices, biases), build)
+        pull_fn, push_fn = _units.cached(("operator", p.devices, biases), build)
         pulls.append(pull_fn)
         pushes.append(push_fn)
     return pulls, pushes
@@ -359,7 +357,7 @@ def _products_fns(plan: _schedule.Plan) -> tuple[list, list]:
 
     key = ("operator-products", p.apply_fn, p.treedef, p.devices,
            tuple((leaf.shape, str(leaf.dtype)) for leaf in p.leaves))  # fmt: skip
-    pull_fn, push_fn = _schedule.cached(key, build)
+    pull_fn, push_fn = _units.cached(key, build)
     leaves = list(p.leaves)
     return [lambda x, cot: pull_fn(leaves, x, cot)], [lambda x, w: push_fn(leaves, x, w)]
 
