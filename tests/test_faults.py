@@ -346,47 +346,6 @@ def test_relative_data_root_resolves_against_the_runs_working_dir(tmp_path, monk
 
 # --- items 9, 12, 13: the entry scripts: one clean line, exit status -----------------------------
 
-COMMAND_LINE_ERRORS = {
-    "compute_ntk": [
-        ("+ntk.num_eigvec=10", r"unknown key ntk\.num_eigvec; valid keys of ntk: batch_size, num_"),
-    ],
-    "train_ntk": [
-        ("linearize=maybe", r"linearize=maybe: Value 'maybe' is not a valid bool"),
-        ("with_bias=no", r"with_bias='no' is invalid: must be true or false"),
-    ],
-}
-"""A few cases end to end; test_config.py checks every message in process."""
-
-
-def test_entry_scripts_print_usage_errors_as_one_line_and_exit_2(tmp_path):
-    cases = [(s, o, m) for s, errors in COMMAND_LINE_ERRORS.items() for o, m in errors]
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                f"{script}.py",
-                override,
-                f"paths.artifacts={tmp_path / 'artifacts'}",
-                f"hydra.run.dir={tmp_path / 'hydra' / str(index)}",
-            ],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "HYDRA_FULL_ERROR": ""},
-        )
-        for index, (script, override, _) in enumerate(cases)
-    ]
-    for (script, override, message), process in zip(cases, processes, strict=True):
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 2, (script, override, stderr)
-        assert "Traceback" not in stderr, stderr
-        assert len(stderr.strip().splitlines()) <= 2, stderr
-        assert stderr.strip().splitlines()[-1].startswith("error: "), stderr
-        assert re.search(message, stderr), (message, stderr)
-    assert not (tmp_path / "artifacts").exists()  # nothing touched the disk
-
-
 INTERRUPT = """
 import os, runpy, signal, sys, time
 import ntklab.experiments.compute_ntk as experiment
@@ -404,68 +363,86 @@ script, overrides = sys.argv[1], sys.argv[2:-1]
 sys.argv = [script, *overrides]
 runpy.run_path(script, run_name="__main__")
 """
+"""Runs an entry script whose kernel computation is interrupted by Ctrl-C or SIGTERM."""
 
 
-@pytest.mark.parametrize(("how", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_interruption_is_one_line_saying_how_to_resume(tmp_path, how, code):
-    run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-c",
-        textwrap.dedent(INTERRUPT),
-        "compute_ntk.py",
-        *TINY,
-        "ntk.out_of_core=true",
-        f"paths.run_dir={run_dir}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-        how,
-    ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": ""}
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
-    assert result.returncode == code, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted:") and "rerun the same command" in last, last
-    assert str(run_dir) in last
-
-
-def test_full_traceback_with_hydra_full_error(tmp_path):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train_ntk.py",
-            "train.epochs=0",
-            f"paths.artifacts={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'hydra'}",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 1 and "Traceback" in result.stderr
-    assert "ConfigError: train.epochs=0 is invalid" in result.stderr
-
-
-def test_user_errors_of_a_run_are_one_line(copy):
+def test_entry_scripts_report_errors_and_interruptions_in_one_line(copy, tmp_path):
+    """All cases run as parallel subprocesses; test_config.py checks every message in process."""
     root, _ = copy
-    result = subprocess.run(
-        [
-            sys.executable,
-            "compute_ntk.py",
-            *TINY,
-            "seed=5",
-            f"paths.artifacts={root}",
-            f"hydra.run.dir={root / 'hydra'}",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": ""},
-        timeout=300,
-    )
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "different configuration (seed: 0 -> 5)" in result.stderr.strip().splitlines()[-1]
+    interrupted_dir = tmp_path / "interrupted"
+    fresh = f"paths.artifacts={tmp_path / 'artifacts'}"
+
+    hydra_dirs = (tmp_path / "hydra" / str(index) for index in range(100))
+
+    def script(*arguments: str) -> list[str]:
+        return [sys.executable, *arguments, f"hydra.run.dir={next(hydra_dirs)}"]
+
+    def interrupt(how: str) -> list[str]:
+        overrides = [*TINY, "ntk.out_of_core=true", f"paths.run_dir={interrupted_dir / how}"]
+        return [*script("-c", textwrap.dedent(INTERRUPT), "compute_ntk.py", *overrides), how]
+
+    cases = {  # name: (command, HYDRA_FULL_ERROR, exit status, pattern of the last line)
+        "added key": (
+            script("compute_ntk.py", "+ntk.num_eigvec=10", fresh),
+            "",
+            2,
+            r"^error: unknown key ntk\.num_eigvec; valid keys of ntk: batch_size, num_eigvecs",
+        ),
+        "wrong type": (
+            script("train_ntk.py", "linearize=maybe", fresh),
+            "",
+            2,
+            r"^error: linearize=maybe: Value 'maybe' is not a valid bool",
+        ),
+        "lenient bool": (
+            script("train_ntk.py", "with_bias=no", fresh),
+            "",
+            2,
+            r"^error: with_bias='no' is invalid: must be true or false$",
+        ),
+        "refused folder": (
+            script("compute_ntk.py", "seed=5", *TINY, f"paths.artifacts={root}"),
+            "",
+            1,
+            r"^error: .*mlp holds a run with a different configuration \(seed: 0 -> 5\)",
+        ),
+        "full traceback": (
+            script("train_ntk.py", "train.epochs=0", fresh),
+            "1",
+            1,
+            r"^ntklab\.experiments\.schema\.ConfigError: train\.epochs=0 is invalid",
+        ),
+        "Ctrl-C": (
+            interrupt("SIGINT"),
+            "",
+            130,
+            rf"^interrupted: {interrupted_dir / 'SIGINT'} keeps .*; rerun the same command to",
+        ),
+        "SIGTERM": (
+            interrupt("SIGTERM"),
+            "",
+            143,
+            rf"^interrupted: {interrupted_dir / 'SIGTERM'} keeps .*; rerun the same command to",
+        ),
+    }
+    processes = {
+        name: subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HYDRA_FULL_ERROR": full_error},
+        )
+        for name, (command, full_error, _, _) in cases.items()
+    }
+    for name, (_, full_error, code, pattern) in cases.items():
+        _, stderr = processes[name].communicate(timeout=300)
+        lines = stderr.strip().splitlines()
+        assert processes[name].returncode == code, (name, stderr[-2000:])
+        assert re.search(pattern, lines[-1]), (name, pattern, lines[-1])
+        if full_error:
+            assert "Traceback" in stderr
+        else:  # one line, or two with Hydra's "Error executing job with overrides: [...]"
+            assert "Traceback" not in stderr and len(lines) <= 2, (name, stderr[-2000:])
+    assert not (tmp_path / "artifacts").exists()  # no usage error touched the disk

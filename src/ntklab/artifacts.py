@@ -272,11 +272,10 @@ class RunFolder:
         Args:
           meta: JSON-serializable run metadata (config, versions, shapes, timings).
         """
-        content = {
-            **meta,
-            "working_dir": os.getcwd(),
-            "artifacts": dict(sorted(self.files.items())),
+        kept = {  # files deleted during the run (e.g. old checkpoints) are not artifacts
+            name: digest for name, digest in self.files.items() if (self.path / name).exists()
         }
+        content = {**meta, "working_dir": os.getcwd(), "artifacts": dict(sorted(kept.items()))}
         save_json(self.path / META_FILE, content)
         self.finished = True
 
@@ -563,7 +562,10 @@ class NTKRun:
           DamagedArtifactError: the file differs from the one the run wrote.
         """
         path = self.path / "kernel.npy"
-        recorded = self.meta.get("artifacts", {}).get("kernel.npy")
+        listed = self.meta.get("artifacts")
+        recorded = None if listed is None else listed.get("kernel.npy")
+        if listed is None and path.exists():  # a run made before meta.json listed its files
+            return np.load(path, mmap_mode="r", allow_pickle=False)
         if recorded is None:
             raise FileNotFoundError(
                 f"{path}: the run was made without ntk.save_kernel=true; recompute it "

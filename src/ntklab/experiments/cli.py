@@ -160,6 +160,13 @@ def _interruption_message(cfg: DictConfig) -> str:
         if not child.name.startswith(".") and not child.name.endswith(".log")
     )
     resumable = [name for name in kept if name in ("kernel.npy", "checkpoints/")]
+    if "kernel.npy" in kept:  # the engine's resume record says how far the kernel got
+        try:
+            record = json.loads((run_dir / "kernel.npy.progress.json").read_text())
+            done = f"kernel.npy: {record['units_done']}/{record['units_total']} units"
+            kept[kept.index("kernel.npy")] = done
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     rerun = "rerun the same command"
     if "${hydra:" in str(OmegaConf.to_container(cfg.paths, resolve=False)["run_dir"]):
         rerun += f" with paths.run_dir={run_dir.resolve()}"  # a new Hydra folder otherwise
