@@ -159,6 +159,8 @@ def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder, timings) -
     tic = time.perf_counter()
     artifacts.save_array(run_dir / "eigvals.npy", pairs.values)
     artifacts.save_array(run_dir / "eigvecs.npy", np.ascontiguousarray(pairs.vectors.T))
+    artifacts.save_array(run_dir / "eigen_residuals.npy", pairs.residuals)  # [k] ‖Kv−λv‖/λ_1
+    artifacts.save_array(run_dir / "eigen_gaps.npy", pairs.gaps)  # [k] relative gaps
     artifacts.save_params(run_dir / "init_params.msgpack", variables)
     artifacts.save_arrays(
         run_dir / "samples.npz",
@@ -193,6 +195,10 @@ def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder, timings) -
                 "solver": pairs.solver,
                 "num_eigvecs": len(pairs.values),
                 "max_residual": pairs.max_residual,
+                "iterations": pairs.iterations,
+                "passes": pairs.passes,
+                "min_gap": float(pairs.gaps.min()),
+                "num_unresolved": int((pairs.gaps <= pairs.residuals).sum()),
                 "sign_convention": "largest-magnitude entry of each eigenvector is positive",
             },
             "timings": timings,
@@ -250,7 +256,7 @@ def _kernel_and_eigenpairs(
     timings["kernel_s"] = time.perf_counter() - tic
     check_finite(kernel)
     tic = time.perf_counter()
-    pairs = top_eigenpairs(kernel, ntk.num_eigvecs, solver=ntk.solver, seed=cfg.seed)
+    pairs = top_eigenpairs(kernel, ntk.num_eigvecs, solver=ntk.solver, seed=cfg.seed, progress=True)
     timings["eigen_s"] = time.perf_counter() - tic
     return kernel, pairs
 
