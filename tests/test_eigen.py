@@ -135,6 +135,15 @@ def test_subspace_streams_a_memmap_kernel(product_dtype, tmp_path, monkeypatch):
     assert unverified.passes == unverified.iterations
 
 
+@pytest.mark.parametrize("solver", ["evr", "subspace", "lanczos"])
+def test_float16_kernel_is_solved_in_float32(solver):
+    kernel = psd_matrix(50, seed=5).astype(np.float16)
+    pairs = top_eigenpairs(kernel, 5, solver=solver)
+    values, _ = reference(kernel, 5)
+    np.testing.assert_allclose(pairs.values, values[:5], rtol=0, atol=1e-5 * values[0])
+    assert pairs.max_residual < 1e-5
+
+
 def test_subspace_iteration_cap_warns_and_reports_the_true_residual(caplog):
     kernel = psd_matrix(80, spectrum=clustered_spectrum(80))
     pairs = top_eigenpairs(kernel, 20, solver="subspace", num_iterations=2, oversampling=2)

@@ -92,8 +92,8 @@ def top_eigenpairs(
       oversampling: block vectors beyond k for ``subspace`` (None: ``default_oversampling``).
       num_iterations: most ``subspace`` iterations (or ARPACK restarts).
       product_dtype: dtype of the products K X in ``subspace``: ``"float32"`` (a float32 GEMM,
-        about 2× faster; residuals stay ~1e-7 of λ_1), ``"float64"``, or ``"auto"`` (the
-        kernel's dtype).
+        about 2× faster; residuals reach ~1e-6 of λ_1), ``"float64"``, or ``"auto"`` (the
+        kernel's dtype; float32 for a float16 kernel).
       verify: measure every pair's residual in float64 with one more pass over the kernel
         (otherwise ``subspace`` reports the residuals of its own last products).
       progress: show a progress bar over ``subspace`` iterations (converged pairs, residual).
@@ -155,7 +155,7 @@ def top_eigenpairs(
         values, vectors, next_value = _lapack_top(kernel, num_eigvecs, solver)
         iterations, passes = 0, 1
     elif solver == "lanczos":
-        matmat, counter = _panel_matmat(kernel, np.dtype(kernel.dtype))
+        matmat, counter = _panel_matmat(kernel, _working_dtype(kernel))
         operator = scipy.sparse.linalg.LinearOperator(
             (n, n),
             matvec=lambda v: matmat(v.reshape(n, 1)).ravel(),
@@ -170,7 +170,7 @@ def top_eigenpairs(
         values, vectors, next_value = values[order], vectors[:, order], None
         iterations, passes = counter["products"], counter["products"]
     else:
-        dtype = np.dtype(kernel.dtype if product_dtype == "auto" else product_dtype)
+        dtype = np.dtype(_working_dtype(kernel) if product_dtype == "auto" else product_dtype)
         if tol is None:
             tol = 5e-6 if dtype == np.float32 else 1e-10
         if oversampling is None:
@@ -253,7 +253,7 @@ def _lapack_top(
     """Top-k eigenpairs [k], [N, k] (descending) and λ_{k+1} (None if k = N) by LAPACK, in the
     kernel's precision (float32 kernels use ssyev*)."""
     n = kernel.shape[0]
-    matrix = np.asarray(kernel)
+    matrix = np.asarray(kernel, dtype=_working_dtype(kernel))
     wanted = min(n, k + 1)  # one more for the last pair's gap
     if driver == "evr":
         values, vectors = scipy.linalg.eigh(
@@ -264,6 +264,11 @@ def _lapack_top(
     values, vectors = values[::-1][:wanted], vectors[:, ::-1][:, :wanted]
     next_value = float(values[k]) if wanted > k else None
     return values[:k], np.ascontiguousarray(vectors[:, :k]), next_value
+
+
+def _working_dtype(kernel: np.ndarray) -> np.dtype:
+    """The kernel's dtype, or float32 for a float16 kernel (LAPACK and GEMMs need >= float32)."""
+    return np.dtype(np.float32) if kernel.dtype.itemsize < 4 else np.dtype(kernel.dtype)
 
 
 def _panel_matmat(kernel: np.ndarray, dtype: np.dtype):
