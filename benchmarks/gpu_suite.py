@@ -12,7 +12,7 @@ Stages (each one's JSON is kept under ``<out>/stages``):
 
 1. ``matmul``: the device's float32 and TF32 matmul rates (the FLOP floor of the contraction).
 2. ``resnet18_float32`` / ``resnet18_tf32``: ``bench_ntk.py`` ResNet-18 scalar eNTK at N = 2,000
-   and 5,000 (``--smoke``: 8, 16) for ntklab, ``jax_jacrev`` and (where torch sees the GPU)
+   and 5,000 (``--smoke``: LeNet at 32, 64, which only checks the plumbing) for ntklab, ``jax_jacrev`` and (where torch sees the GPU)
    ``torch_jac``, with its own projection-based skipping (``--time-limit``).
 3. ``lenet60k``: ``bench_eigen.py`` LeNet on N = 60,000 CIFAR-shaped random normal inputs
    (``--smoke``: 300), kernel then top-1,000 (``--smoke``: 20) eigenpairs by ``solver=auto``.
@@ -49,8 +49,9 @@ json.dump({{"header": common.machine_header(), "rates": rates}}, open({path!r}, 
 def stages(args: argparse.Namespace, stage_dir: Path) -> dict[str, list[str]]:
     """Stage name -> command line."""
     smoke = args.smoke
-    sizes = "8,16" if smoke else "2000,5000"
-    batch = "8" if smoke else "256"
+    sizes = "32,64" if smoke else "2000,5000"
+    batch = "32" if smoke else "256"
+    model = "lenet" if smoke else "resnet18"  # ResNet-18 alone compiles > 2 min on a busy CPU
     torch_device = "cpu" if smoke else "cuda"
     commands = {
         "matmul": [
@@ -66,7 +67,7 @@ def stages(args: argparse.Namespace, stage_dir: Path) -> dict[str, list[str]]:
         commands[name] = [
             sys.executable,
             str(HERE / "bench_ntk.py"),
-            "--models=resnet18",
+            f"--models={model}",
             f"--sizes={sizes}",
             "--impls=ntklab,jax_jacrev,torch_jac",
             f"--batch-size={batch}",
@@ -133,7 +134,7 @@ def summarize(results: dict[str, dict], stage_dir: Path) -> list[list[str]]:
                 )
         elif name.startswith("resnet18"):
             for case in data.get("results", []):
-                label = f"{case['impl']} N={case['n']}"
+                label = f"{case['model']} {case['impl']} N={case['n']}"
                 if "seconds" in case:
                     per_entry = case["seconds"] / case["n"] ** 2
                     rows.append([name, label, f"{case['seconds']:.2f} s ({per_entry:.2e} s/entry)"])
