@@ -391,7 +391,7 @@ class KernelStore:
         if self.record_path is not None and self.kernel is not None:
             self._save_record(force=True)
         if self._lock_fd is not None:
-            os.unlink(self.lock_path)
+            self.lock_path.unlink(missing_ok=True)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
