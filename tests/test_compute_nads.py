@@ -37,7 +37,7 @@ def finished_run(tmp_path_factory):
 
 def test_writes_the_documented_layout(finished_run):
     tmp_path, run_dir = finished_run
-    assert run_dir == tmp_path / "nads" / "mlp"
+    assert run_dir == tmp_path / "nads" / "mlp" / "seed_0"
     names = {p.name for p in run_dir.iterdir()}
     expected = {"nads.npy", "eigvals.npy", "init_params.msgpack", "input.npy", "nads.png"}
     assert expected | {"meta.json", "config.json"} == names  # no temporary leftovers
@@ -98,8 +98,10 @@ def test_input_std_draws_a_seeded_point_off_the_origin(tmp_path):
 
 def test_rerun_with_other_config_is_refused_and_batch_size_is_not_identity(finished_run):
     tmp_path, run_dir = finished_run
-    with pytest.raises(FileExistsError, match=r"different configuration \(seed: 0 -> 1\)"):
-        compute_nads.run(small_config(tmp_path, "seed=1"))
+    with pytest.raises(
+        FileExistsError, match=r"different configuration \(model\.activation: 'gelu' -> 'tanh'\)"
+    ):
+        compute_nads.run(small_config(tmp_path, "model.activation=tanh"))
     assert (run_dir / "meta.json").exists()  # the refused run touched nothing
     before = np.load(run_dir / "eigvals.npy")
     assert compute_nads.run(small_config(tmp_path, "nads.batch_size=5")) == run_dir

@@ -37,7 +37,7 @@ def finished_run(tmp_path_factory):
 
 def test_writes_the_documented_layout(finished_run):
     tmp_path, run_dir = finished_run
-    assert run_dir == tmp_path / "eigenfunctions" / "digits" / "lenet"
+    assert run_dir == tmp_path / "eigenfunctions" / "digits" / "lenet" / "seed_0"
     names = {p.name for p in run_dir.iterdir()}
     expected = {"eigvals.npy", "eigvecs.npy", "init_params.msgpack", "samples.npz", "kernel.npy"}
     assert expected | {"meta.json", "config.json", "spectrum.png"} <= names
@@ -73,12 +73,16 @@ def test_saved_eigenpairs_satisfy_the_recomputed_kernel(finished_run):
 def test_rerun_with_same_config_reuses_and_other_config_is_refused(tmp_path):
     run_dir = compute_ntk.run(small_config(tmp_path, "ntk.save_kernel=true"))
     assert compute_ntk.run(small_config(tmp_path, "ntk.save_kernel=true")) == run_dir
-    with pytest.raises(FileExistsError, match=r"different configuration \(seed: 0 -> 1\)"):
-        compute_ntk.run(small_config(tmp_path, "seed=1"))
+    with pytest.raises(
+        FileExistsError, match=r"different configuration \(model\.activation: 'relu' -> 'tanh'\)"
+    ):
+        compute_ntk.run(small_config(tmp_path, "model.activation=tanh"))
     assert (run_dir / "meta.json").exists()  # the refused run touched nothing
-    other = compute_ntk.run(small_config(tmp_path, "seed=1", "overwrite=true"))
+    other = compute_ntk.run(small_config(tmp_path, "model.activation=tanh", "overwrite=true"))
     assert other == run_dir
-    assert json.loads((run_dir / "meta.json").read_text())["config"]["seed"] == 1
+    assert (
+        json.loads((run_dir / "meta.json").read_text())["config"]["model"]["activation"] == "tanh"
+    )
     assert not (run_dir / "kernel.npy").exists()  # files of the replaced run are gone
 
 
@@ -143,7 +147,9 @@ def test_entry_script_runs_from_the_command_line(tmp_path):
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "artifacts" / "eigenfunctions" / "digits" / "mlp" / "meta.json").exists()
+    assert (
+        tmp_path / "artifacts" / "eigenfunctions" / "digits" / "mlp" / "seed_0" / "meta.json"
+    ).exists()
     assert "entries/s" in (tmp_path / "hydra" / "compute_ntk.log").read_text()
 
 

@@ -124,7 +124,7 @@ def test_alignment_defaults_to_every_eigenvector():
         (
             "train_ntk",
             "+foo=1",
-            "unknown key foo; valid keys of the top level: seed, overwrite, pr",
+            "unknown key foo; valid keys of the top level: seed, order_seed, overwrite, pr",
         ),
         (
             "compute_ntk",

@@ -109,13 +109,13 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(copy, monkeyp
 
     monkeypatch.setattr(compute_ntk, "top_eigenpairs", fail_after_moving_aside)
     with pytest.raises(RuntimeError, match="out of memory"):
-        compute_ntk.run(tiny_config(root, "seed=1", "overwrite=true"))
+        compute_ntk.run(tiny_config(root, "model.activation=tanh", "overwrite=true"))
     assert ".replaced" in calls[0] and "meta.json" not in calls[0]  # the old run was moved aside
     assert snapshot(run_dir) == before  # and put back when the new run failed
 
     monkeypatch.undo()
-    compute_ntk.run(tiny_config(root, "seed=1", "overwrite=true"))
-    assert load_run(run_dir).config.seed == 1
+    compute_ntk.run(tiny_config(root, "model.activation=tanh", "overwrite=true"))
+    assert load_run(run_dir).config.model.activation == "tanh"
     assert not (run_dir / ".replaced").exists() and not (run_dir / "kernel.npy").exists()
 
 
@@ -130,7 +130,9 @@ def test_a_failed_run_leaves_no_stub_that_refuses_the_corrected_run(tmp_path, mo
     monkeypatch.setattr(compute_ntk, "nystrom_eigenpairs", crash)
     with pytest.raises(RuntimeError, match="crash inside"):
         compute_ntk.run(tiny_config(tmp_path, "ntk.solver=nystrom", "ntk.nystrom_dims=20"))
-    assert not (tmp_path / "eigenfunctions" / "digits" / "mlp").exists()  # no config.json stub
+    assert not (
+        tmp_path / "eigenfunctions" / "digits" / "mlp" / "seed_0"
+    ).exists()  # no config.json stub
     monkeypatch.undo()
     run_dir = compute_ntk.run(tiny_config(tmp_path, "ntk.solver=nystrom", "ntk.nystrom_dims=30"))
     assert load_run(run_dir).config.ntk.nystrom_dims == 30
@@ -139,8 +141,10 @@ def test_a_failed_run_leaves_no_stub_that_refuses_the_corrected_run(tmp_path, mo
 def test_a_refused_rerun_changes_nothing(copy):
     root, run_dir = copy
     before = snapshot(run_dir)
-    with pytest.raises(FileExistsError, match=r"different configuration \(seed: 0 -> 3\)"):
-        compute_ntk.run(tiny_config(root, "seed=3"))
+    with pytest.raises(
+        FileExistsError, match=r"different configuration \(model\.activation: 'relu' -> 'tanh'\)"
+    ):
+        compute_ntk.run(tiny_config(root, "model.activation=tanh"))
     assert snapshot(run_dir) == before
 
 
@@ -240,13 +244,15 @@ with artifacts.open_run(sys.argv[1], {"held": True}, foreign_files=True) as run:
 
 
 def test_a_second_process_gets_run_folder_in_use(tmp_path):
-    run_dir = tmp_path / "eigenfunctions" / "digits" / "mlp"
+    run_dir = tmp_path / "eigenfunctions" / "digits" / "mlp" / "seed_0"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunFolderInUse, match=rf"run folder .*mlp in use by PID {holder.pid}"):
+        with pytest.raises(
+            RunFolderInUse, match=rf"run folder .*mlp/seed_0 in use by PID {holder.pid}"
+        ):
             compute_ntk.run(tiny_config(tmp_path))
         assert json.loads((run_dir / "config.json").read_text()) == {"held": True}
     finally:
@@ -314,7 +320,7 @@ def test_non_finite_kernel_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(compute_ntk, "empirical_ntk", poisoned)
     with pytest.raises(ValueError, match=r"non-finite entries .*first at \[5, 7\]"):
         compute_ntk.run(tiny_config(tmp_path))
-    assert not (tmp_path / "eigenfunctions" / "digits" / "mlp").exists()
+    assert not (tmp_path / "eigenfunctions" / "digits" / "mlp" / "seed_0").exists()
 
 
 # --- item 15: relative data.root -----------------------------------------------------------------
@@ -401,10 +407,10 @@ def test_entry_scripts_report_errors_and_interruptions_in_one_line(copy, tmp_pat
             r"^error: with_bias='no' is invalid: must be true or false$",
         ),
         "refused folder": (
-            script("compute_ntk.py", "seed=5", *TINY, f"paths.artifacts={root}"),
+            script("compute_ntk.py", "model.activation=tanh", *TINY, f"paths.artifacts={root}"),
             "",
             1,
-            r"^error: .*mlp holds a run with a different configuration \(seed: 0 -> 5\)",
+            r"^error: .*mlp/seed_0 holds a run with a different configuration \(model\.activation: 'relu' -> 'tanh'\)",
         ),
         "full traceback": (
             script("train_ntk.py", "train.epochs=0", fresh),

@@ -90,11 +90,6 @@ def test_kernel_in_memory_and_on_disk_match_one_process(single_process, tmp_path
     np.testing.assert_allclose(np.load(tmp_path / "kernel.npy"), kernel, atol=1e-6 * scale)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ntklab/ntk/_operator.py KernelOperator._product: np.asarray(y) on a global array that "
-    "spans non-addressable devices (needs a process_allgather on multi-host runs)",
-)
 def test_operator_matches_one_process(single_process, tmp_path):
     kernel, vectors = single_process
     wait_all(launch("operator", tmp_path))

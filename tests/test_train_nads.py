@@ -84,9 +84,9 @@ def test_missing_run_prints_the_command_that_makes_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="make it with:") as error:
         train_nads.run(cfg)
     command = str(error.value).splitlines()[-1].strip()
-    assert command.startswith("python compute_nads.py model=mlp model.num_outputs=1 ")
+    assert command.startswith("python compute_nads.py seed=0 model=mlp model.num_outputs=1 ")
     assert "model.activation=gelu" in command and "'model.widths=[8]'" in command
-    assert command.endswith(f" paths.run_dir={tmp_path}/nads/mlp")
+    assert command.endswith(f" paths.run_dir={tmp_path}/nads/mlp/seed_0")
     words = shlex.split(command)
     assert words[:2] == ["python", "compute_nads.py"]
     # The printed command makes exactly the run the training needs (D = 1,024 for a tiny MLP).

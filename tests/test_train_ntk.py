@@ -89,7 +89,9 @@ def test_network_run_writes_metrics_alignment_and_summary(artifacts_dir, network
 
     alignment = load_arrays(network_run / "alignment.npz")
     np.testing.assert_array_equal(alignment["indices"], [0, 1, 2, 4])
-    eigvals = np.load(artifacts_dir / "eigenfunctions" / "digits" / "mlp" / "eigvals.npy")
+    eigvals = np.load(
+        artifacts_dir / "eigenfunctions" / "digits" / "mlp" / "seed_0" / "eigvals.npy"
+    )
     # the initial kernel's quotient of its own eigenvector is its eigenvalue (saved by compute_ntk)
     np.testing.assert_allclose(alignment["init_all"], eigvals[[0, 1, 2, 4]], rtol=1e-3)
     np.testing.assert_allclose(alignment["init_eigvals"], eigvals[[0, 1, 2, 4]])
@@ -110,7 +112,7 @@ def test_labels_are_exactly_the_binarized_eigenvector(artifacts_dir, tmp_path, m
     monkeypatch.setattr(train_ntk, "fit", fake_fit)
     with pytest.raises(InterruptedError):
         train_ntk.run(config("train_ntk", artifacts_dir, tmp_path, "label_idx=3", "linearize=true"))
-    run_dir = artifacts_dir / "eigenfunctions" / "digits" / "mlp"
+    run_dir = artifacts_dir / "eigenfunctions" / "digits" / "mlp" / "seed_0"
     v = np.load(run_dir / "eigvecs.npy")[3]
     expected = (np.where(v == 0, 1.0, np.sign(v)) + 1) / 2  # (sign(v) + 1) / 2, sign(0) -> +1
     np.testing.assert_array_equal(captured["y_train"], expected[:NUM_TRAIN])
@@ -148,7 +150,7 @@ def test_missing_run_error_prints_the_compute_ntk_command(artifacts_dir, tmp_pat
         train_ntk.run(cfg)
     command = str(error.value).split("\n")[-1].strip()
     words = shlex.split(command)
-    assert words[:3] == ["python", "compute_ntk.py", "model=mlp"]
+    assert words[:4] == ["python", "compute_ntk.py", "seed=0", "model=mlp"]
     compute_cfg = compose_config("compute_ntk/config", words[2:])  # the command composes ...
     identity = compute_ntk.run_identity(compute_cfg)  # ... into the run this config needs
     assert identity["model"] == {**dict(cfg.model), "widths": [16]}
@@ -171,7 +173,7 @@ def test_pretrained_comparison_runs_start_from_the_stated_parameters(artifacts_d
         config("pretrained_ntk_comparison", artifacts_dir, tmp_path, "label_idx=1")
     )
     theta0 = load_params(
-        artifacts_dir / "eigenfunctions" / "digits" / "mlp" / "init_params.msgpack"
+        artifacts_dir / "eigenfunctions" / "digits" / "mlp" / "seed_0" / "init_params.msgpack"
     )
     trained = load_params(run_dir / "runs" / "network" / "params.msgpack")
     starts = {

@@ -31,9 +31,12 @@ from omegaconf import DictConfig
 from ntklab import artifacts
 from ntklab.experiments.train_ntk import check_label_idx, eigenfunction_labels, load_ntk_run
 from ntklab.experiments.training import (
+    file_sha256,
     fit_model_kwargs,
     ntk_run_meta,
     open_training_run,
+    order_seed,
+    run_facts,
     train_config,
     write_results,
 )
@@ -135,7 +138,7 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
             **setup,
             **data,
             config=config,
-            seed=cfg.seed,
+            seed=order_seed(cfg),
             run_dir=folder,
             checkpoint_dir=run_dir / "checkpoints" / name,
             progress=cfg.progress,
@@ -165,6 +168,7 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
             "label_idx": cfg.label_idx,
             "eigval": float(ntk_run.eigvals[cfg.label_idx]),
             "train/label_mean": float(np.mean(labels[:n])),
+            **run_facts(file_sha256(ntk_run.path / "init_params.msgpack"), labels[:n], labels[n:]),
             "runs": finals,
         },
         meta=ntk_run_meta(ntk_run, timings),

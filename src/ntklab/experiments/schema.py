@@ -164,6 +164,7 @@ class ComputeNadsConfig:
 @dataclass
 class TrainingConfig:
     seed: int = MISSING
+    order_seed: int | None = None
     overwrite: bool = MISSING
     progress: bool = MISSING
     model: Any = MISSING
@@ -245,6 +246,12 @@ def _register() -> None:
         store.store(name=f"{script}_schema", node=schema)
     for name in model_names():
         store.store(group="schema/model", name=name, node=model_schema(name))
+    # ${path_safe:...}: a command's overrides as one folder name (``/`` in values would nest)
+    OmegaConf.register_new_resolver("path_safe", _path_safe, replace=True)
+
+
+def _path_safe(text: str) -> str:
+    return str(text).replace("/", "_")
 
 
 _register()

@@ -28,6 +28,9 @@ from ntklab.experiments.training import (
     fit_model_kwargs,
     mode_name,
     open_training_run,
+    order_seed,
+    params_sha256,
+    run_facts,
     train_config,
     write_results,
 )
@@ -90,7 +93,7 @@ def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings
         x_test=x_test,
         y_test=y_test,
         config=config,
-        seed=cfg.seed,
+        seed=order_seed(cfg),
         run_dir=run_dir,
         checkpoint_dir=run_dir / "checkpoints",
         progress=cfg.progress,
@@ -111,6 +114,7 @@ def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings
             "mode": mode,
             "num_train": len(x_train),
             "num_test": len(x_test),
+            **run_facts(params_sha256(variables), y_train, y_test),
         },
         meta={
             "num_train": len(x_train),

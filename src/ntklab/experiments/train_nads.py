@@ -25,10 +25,13 @@ from omegaconf import DictConfig
 from ntklab import artifacts
 from ntklab.experiments.compute_nads import NADRun, load_nads
 from ntklab.experiments.training import (
+    file_sha256,
     fit_model_kwargs,
     hydra_override,
     mode_name,
     open_training_run,
+    order_seed,
+    run_facts,
     train_config,
     write_results,
 )
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 def compute_nads_command(cfg: DictConfig) -> str:
     """The ``python compute_nads.py ...`` command that makes the NAD run ``cfg`` needs."""
-    words = ["python", "compute_nads.py", f"model={cfg.model.name}"]
+    words = ["python", "compute_nads.py", f"seed={cfg.seed}", f"model={cfg.model.name}"]
     model = artifacts.to_container(cfg.model)
     words += [
         f"model.{key}={hydra_override(value)}" for key, value in model.items() if key != "name"
@@ -82,6 +85,8 @@ def load_nads_for(cfg: DictConfig) -> NADRun:
         for key in sorted(set(wanted) | set(found))
         if _normalized(found.get(key)) != _normalized(wanted.get(key))
     ]
+    if nads.config.get("seed") is not None and int(nads.config.seed) != int(cfg.seed):
+        differences.append(f"seed: run has {nads.config.seed}, this config {cfg.seed}")
     if differences:
         raise ValueError(
             f"the compute_nads.py run in {path} was made for another model ("
@@ -166,7 +171,7 @@ def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings
         x_test=data.x_test,
         y_test=y_test,
         config=config,
-        seed=cfg.seed,
+        seed=order_seed(cfg),
         run_dir=run_dir,
         checkpoint_dir=run_dir / "checkpoints",
         progress=cfg.progress,
@@ -183,6 +188,7 @@ def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings
         "eigval": float(nads.eigvals[cfg.label_idx]),
         "train/label_mean": float(y_train.mean()),
         "test/label_mean": float(y_test.mean()),
+        **run_facts(file_sha256(nads.path / "init_params.msgpack"), y_train, y_test),
     }
     write_results(
         run_folder,

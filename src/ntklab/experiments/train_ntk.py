@@ -31,11 +31,14 @@ from ntklab import artifacts
 from ntklab.alignment import rayleigh_quotients
 from ntklab.artifacts import NTKRun, load_run
 from ntklab.experiments.training import (
+    file_sha256,
     fit_model_kwargs,
     hydra_override,
     mode_name,
     ntk_run_meta,
     open_training_run,
+    order_seed,
+    run_facts,
     train_config,
     write_results,
 )
@@ -83,7 +86,7 @@ def compute_ntk_command(cfg: DictConfig, *, num_eigvecs: int | None = None) -> s
       cfg: a config with ``model``, ``data`` and ``paths.eigenfunctions``.
       num_eigvecs: adds ``ntk.num_eigvecs=...`` (None keeps compute_ntk.py's default, 200).
     """
-    words = ["python", "compute_ntk.py", f"model={cfg.model.name}"]
+    words = ["python", "compute_ntk.py", f"seed={cfg.seed}", f"model={cfg.model.name}"]
     model = artifacts.to_container(cfg.model)
     data = artifacts.to_container(cfg.data)
     words += [
@@ -130,6 +133,8 @@ def load_ntk_run(cfg: DictConfig, *, num_eigvecs: int = 0) -> NTKRun:
         if not (group == "data" and key in NON_IDENTITY_DATA_KEYS)
         and _normalized(found[group].get(key)) != _normalized(wanted[group].get(key))
     ]
+    if run.config.get("seed") is not None and int(run.config.seed) != int(cfg.seed):
+        differences.append(f"seed: run has {run.config.seed}, this config {cfg.seed}")
     if differences:
         raise ValueError(
             f"the compute_ntk.py run in {path} was made for another configuration ("
@@ -211,7 +216,7 @@ def _train(cfg, config, ntk_run: NTKRun, labels, run_folder, timings) -> None:
         x_test=ntk_run.x[n:],
         y_test=labels[n:],
         config=config,
-        seed=cfg.seed,
+        seed=order_seed(cfg),
         run_dir=run_dir,
         checkpoint_dir=run_dir / "checkpoints",
         progress=cfg.progress,
@@ -226,6 +231,7 @@ def _train(cfg, config, ntk_run: NTKRun, labels, run_folder, timings) -> None:
         "eigval": float(ntk_run.eigvals[cfg.label_idx]),
         "train/label_mean": float(labels[:n].mean()),
         "test/label_mean": float(labels[n:].mean()) if ntk_run.num_samples > n else None,
+        **run_facts(file_sha256(ntk_run.path / "init_params.msgpack"), labels[:n], labels[n:]),
     }
     if _aligns(cfg):
         tic = time.perf_counter()

@@ -10,13 +10,16 @@ folder's path under ``paths.summary_dir`` in ``artifacts/``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import flax.serialization
 import jax
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -164,8 +167,55 @@ def write_results(
     artifacts.save_json(run_dir / METRICS_FILE, content)
     summary = Path(cfg.paths.summary_dir) / summary_name
     artifacts.save_json(summary, {**content, "run_dir": str(run_dir.resolve())})
-    run_folder.finish({"script": script, "config": config, **artifacts.environment_info(), **meta})
+    provenance = (
+        {"init_params_sha256": metrics["init_params_sha256"]}
+        if "init_params_sha256" in metrics
+        else {}
+    )
+    run_folder.finish(
+        {"script": script, "config": config, **provenance, **artifacts.environment_info(), **meta}
+    )
     logger.info("done: %s (summary %s)", run_dir, summary)
+
+
+def order_seed(cfg: DictConfig) -> int:
+    """The minibatch-order seed: ``order_seed``, or ``seed`` when it is null."""
+    value = cfg.get("order_seed")
+    return int(cfg.seed if value is None else value)
+
+
+def params_sha256(variables: PyTree) -> str:
+    """sha256 of θ0's flax-msgpack bytes (``params`` and any ``batch_stats``), serialized as
+    :func:`ntklab.artifacts.save_params` writes them."""
+    return hashlib.sha256(flax.serialization.to_bytes(jax.device_get(variables))).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (e.g. a run's ``init_params.msgpack``: θ0 as saved)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def majority_rate(labels: np.ndarray) -> float | None:
+    """The fraction of ``labels`` [n] in the most common class: what a constant prediction scores.
+
+    Returns None for no labels.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if not labels.size:
+        return None
+    _, counts = np.unique(labels, return_counts=True)
+    return float(counts.max() / labels.size)
+
+
+def run_facts(init_params_sha256: str, y_train: np.ndarray, y_test: np.ndarray) -> dict[str, Any]:
+    """What every training run records about its start: ``init_params_sha256`` (which θ0: the
+    sha256 of its serialized bytes) and ``train/majority_rate``, ``test/majority_rate`` (the
+    chance level of its labels)."""
+    return {
+        "init_params_sha256": init_params_sha256,
+        "train/majority_rate": majority_rate(y_train),
+        "test/majority_rate": majority_rate(y_test),
+    }
 
 
 def hydra_override(value: object) -> str:

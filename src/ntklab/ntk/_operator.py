@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as Spec
 
-from ntklab.ntk import _schedule, _units
+from ntklab.ntk import _schedule, _store, _units
 from ntklab.ntk._api import OUTPUTS, check_choice, check_positive_int
 from ntklab.ntk._features import AXIS, Features
 from ntklab.types import ApplyFn, PyTree
@@ -277,7 +277,7 @@ class KernelOperator:
             for g in groups:
                 part = push[g](self._block_input(index, rows, g), totals[g])
                 y = part if y is None else y + part
-            values = self._collect(np.asarray(y), b)[: (rows.stop - rows.start) * c]
+            values = self._collect(_store._to_host(y), b)[: (rows.stop - rows.start) * c]
             if not np.all(np.isfinite(values)):
                 raise ValueError(
                     f"the kernel-vector product is non-finite in rows {rows.start}:{rows.stop}; "
