@@ -69,3 +69,36 @@ def test_order_seed_defaults_to_seed_and_majority_rate_matches_numpy():
     expected = max(np.mean(labels == 0), np.mean(labels == 1))
     assert majority_rate(labels) == pytest.approx(expected)
     assert majority_rate(np.array([])) is None
+
+
+def test_an_unresolved_eigenvector_is_warned_about(tmp_path, caplog):
+    from ntklab.experiments.train_ntk import warn_if_unresolved
+
+    np.save(tmp_path / "eigen_gaps.npy", np.array([0.5, 1e-9, 0.2]))
+    np.save(tmp_path / "eigen_residuals.npy", np.array([1e-7, 1e-6, 1e-7]))
+    with caplog.at_level("WARNING"):
+        assert warn_if_unresolved(tmp_path, 1)
+        assert not warn_if_unresolved(tmp_path, 0)
+    assert "eigenvector 1 is not resolved" in caplog.text
+    assert not warn_if_unresolved(tmp_path / "missing", 0)
+
+
+def test_a_large_artifact_is_refused_before_writing_when_the_disk_is_too_small(
+    tmp_path, monkeypatch
+):
+    import collections
+    import shutil
+
+    from ntklab import artifacts
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 10**6, 10**6))
+    target = tmp_path / "eigvecs.npy"
+    target.write_bytes(b"old")
+    big = np.zeros(artifacts.LARGE_ARTIFACT_BYTES // 4, np.float32)
+    with pytest.raises(OSError, match=r"eigvecs\.npy needs [\d,]+ bytes, 1,000,000 are available"):
+        artifacts.save_array(target, big)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "eigvecs.npy"
+    ]
+    artifacts.save_array(tmp_path / "small.npy", np.zeros(3))  # small arrays are not checked

@@ -98,14 +98,42 @@ def file_digest(path: str | os.PathLike) -> dict[str, Any]:
     return {"bytes": os.path.getsize(path), "sha256": digest}
 
 
+LARGE_ARTIFACT_BYTES = 64 * 2**20
+"""Arrays at least this large are written only after a free-space check."""
+
+
+def check_free_space(path: str | os.PathLike, num_bytes: int) -> None:
+    """Refuses to write ``num_bytes`` next to ``path`` when the disk has less free space.
+
+    Raises:
+      OSError: ENOSPC, naming ``path``, the bytes needed and the bytes available.
+    """
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if num_bytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: writing {path} needs {num_bytes:,} bytes, "
+            f"{free:,} are available",
+            str(path),
+        )
+
+
 def save_array(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Writes one array as ``.npy``."""
+    """Writes one array as ``.npy`` (after a free-space check when it is large)."""
+    array = np.asarray(array)
+    if array.nbytes >= LARGE_ARTIFACT_BYTES:
+        check_free_space(path, array.nbytes + 4096)
     with atomic_path(path) as temp, open(temp, "wb") as f:
-        np.save(f, np.asarray(array), allow_pickle=False)
+        np.save(f, array, allow_pickle=False)
 
 
 def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """Writes named arrays as an uncompressed ``.npz``."""
+    """Writes named arrays as an uncompressed ``.npz`` (free space checked when large)."""
+    total = sum(np.asarray(a).nbytes for a in arrays.values())
+    if total >= LARGE_ARTIFACT_BYTES:
+        check_free_space(path, total + 4096 * (len(arrays) + 1))
     with atomic_path(path) as temp, open(temp, "wb") as f:
         np.savez(f, **{name: np.asarray(a) for name, a in arrays.items()})
 

@@ -79,6 +79,30 @@ def eigenfunction_labels(eigvecs: np.ndarray, label_idx: int) -> np.ndarray:
     return (eigvecs[label_idx] >= 0).astype(np.float32)
 
 
+def warn_if_unresolved(run_path: Path, label_idx: int) -> bool:
+    """Warns when eigenvector ``label_idx`` is not resolved: its relative gap to the neighbouring
+    eigenvalues is below its residual ‖Kv − λv‖/λ₁, so v is an arbitrary mix of nearby directions.
+
+    Returns:
+      True when a warning was logged (False also when the run predates the per-pair files).
+    """
+    gaps_file, residuals_file = run_path / "eigen_gaps.npy", run_path / "eigen_residuals.npy"
+    if not (gaps_file.is_file() and residuals_file.is_file()):
+        return False
+    gap = float(np.load(gaps_file)[label_idx])
+    residual = float(np.load(residuals_file)[label_idx])
+    if gap >= residual:
+        return False
+    logger.warning(
+        "eigenvector %d is not resolved: its relative gap %.2g is below its residual %.2g, so its "
+        "labels depend on the solver; prefer an index with a larger gap (eigen_gaps.npy)",
+        label_idx,
+        gap,
+        residual,
+    )
+    return True
+
+
 def compute_ntk_command(cfg: DictConfig, *, num_eigvecs: int | None = None) -> str:
     """The ``python compute_ntk.py ...`` command that makes the eigenfunction run ``cfg`` needs.
 
@@ -183,6 +207,7 @@ def run(cfg: DictConfig) -> Path:
     tic = time.perf_counter()
     ntk_run = load_ntk_run(cfg, num_eigvecs=cfg.label_idx + 1)
     labels = eigenfunction_labels(ntk_run.eigvecs, cfg.label_idx)
+    warn_if_unresolved(ntk_run.path, cfg.label_idx)
     timings["load_s"] = time.perf_counter() - tic
     with open_training_run(cfg) as run_folder:
         _train(cfg, config, ntk_run, labels, run_folder, timings)
