@@ -153,6 +153,7 @@ def test_entry_script_runs_from_the_command_line(tmp_path):
     assert "entries/s" in (tmp_path / "hydra" / "compute_ntk.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["matrix_free", "nystrom"])
 def test_matrix_free_solvers_end_to_end(tmp_path, finished_run, solver):
     _, reference_dir = finished_run

@@ -98,6 +98,7 @@ def test_operator_matches_one_process(single_process, tmp_path):
     np.testing.assert_allclose(product, expected, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="compute_ntk.run opens the run folder under a lock in every process: process 1 raises "

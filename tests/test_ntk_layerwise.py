@@ -13,6 +13,10 @@ from jax.sharding import PartitionSpec as Spec
 from ntklab.models import build_model, inference_apply_fn, init_variables, model_names
 from ntklab.ntk._layerwise import layerwise_features, layerwise_plan
 
+# The layerwise path is experimental and not used by the engine; its exhaustive checks compile
+# many models (minutes on 2 cores), so they run with `python -m pytest -m slow`.
+pytestmark = pytest.mark.slow
+
 TINY = {
     "mlp": ({"widths": (6, 5)}, (4, 4, 2)),
     "lenet": ({}, (8, 8, 3)),

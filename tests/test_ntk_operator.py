@@ -61,6 +61,7 @@ def test_products_equal_the_dense_kernel(output, implementation, float64):
     assert operator.num_products == 4 and operator.num_passes == 6 and operator.seconds > 0
 
 
+@pytest.mark.slow
 def test_structured_operator_on_a_cnn_under_a_tiny_budget(float64):
     apply_fn, params, shape = model("lenet")
     x = np.random.default_rng(2).standard_normal((5, *shape))
