@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ import numpy as np
 from flax import serialization
 from omegaconf import DictConfig, OmegaConf
 
+from ntklab.locking import LockHeld, acquire_lock, release_lock
 from ntklab.types import ApplyFn, PyTree
 
 logger = logging.getLogger(__name__)
@@ -408,30 +408,17 @@ def _claimed(
 def _locked(path: Path) -> Iterator[None]:
     """Holds ``path/.lock`` (``fcntl.flock``) for the block; its content is the holder's PID."""
     lock_path = path / LOCK_FILE
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunFolderInUse(
-                f"run folder {path} in use by PID {holder}; wait for it to finish, or choose "
-                "another folder with paths.run_dir=..."
-            ) from None
-        try:  # the holder before us may have unlinked the file between our open and our lock
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fd = acquire_lock(lock_path)
+    except LockHeld as held:
+        raise RunFolderInUse(
+            f"run folder {path} in use by PID {held.pid}; wait for it to finish, or choose "
+            "another folder with paths.run_dir=..."
+        ) from None
+    try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)
-        os.close(fd)
+        release_lock(lock_path, fd)
 
 
 def _sweep_temporaries(path: Path) -> None:

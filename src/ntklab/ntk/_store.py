@@ -24,7 +24,6 @@ resume with another batch size, memory budget or device count continues where th
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ntklab.locking import LockHeld, acquire_lock, release_lock
 from ntklab.ntk._schedule import Plan, Unit
 
 logger = logging.getLogger(__name__)
@@ -168,27 +168,13 @@ class KernelStore:
         }
 
     def _lock(self) -> None:
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise KernelInUseError(
-                    f"{self.path} is being written by another process (PID {pid}, lock "
-                    f"{self.lock_path}); wait for it to finish or choose another out="
-                ) from None
-            try:  # the lock file may have been removed by a finishing process: lock anew
-                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self._lock_fd = fd
-                return
-            os.close(fd)
+        try:
+            self._lock_fd = acquire_lock(self.lock_path)
+        except LockHeld as held:
+            raise KernelInUseError(
+                f"{self.path} is being written by another process (PID {held.pid}, lock "
+                f"{self.lock_path}); wait for it to finish or choose another out="
+            ) from None
 
     def _open(self) -> None:
         record = self._read_record()
@@ -391,9 +377,7 @@ class KernelStore:
         if self.record_path is not None and self.kernel is not None:
             self._save_record(force=True)
         if self._lock_fd is not None:
-            self.lock_path.unlink(missing_ok=True)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            release_lock(self.lock_path, self._lock_fd)
             self._lock_fd = None
 
 
