@@ -214,6 +214,7 @@ def environment_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions,
         "devices": [str(device) for device in jax.devices()],
+        "num_processes": jax.process_count(),
         "backend": jax.default_backend(),
     }
 
@@ -339,7 +340,14 @@ def open_run(
       FileExistsError: the folder holds a different run (or other files) and ``overwrite`` is
         false.
       RunFolderInUse: another process is writing the folder ("run folder ... in use by PID ...").
+      RuntimeError: called on a process other than 0 of a multi-process JAX run (process 0
+        alone writes run folders).
     """
+    if jax.distributed.is_initialized() and jax.process_index() != 0:
+        raise RuntimeError(
+            f"process {jax.process_index()} of a multi-process JAX run tried to claim {path}; "
+            "only process 0 writes run folders (ntklab.distributed.is_writer())"
+        )
     path = Path(path)
     identity = json.loads(json.dumps(identity, default=_json_default))
     created = not path.exists()

@@ -5,8 +5,9 @@
         compute_ntk.run(cfg)
 
 A user error (a bad key or value, missing files, a refused or busy run folder, a damaged file, a
-non-finite kernel, a full disk) is printed as one or two lines on stderr, without a traceback;
-the exit status is 2 for usage errors (the config) and 1 otherwise. Ctrl-C (or SIGTERM) says
+non-finite kernel, a full disk, a distributed runtime that cannot start, a failed peer process)
+is printed as one or two lines on stderr, without a traceback; the exit status is 2 for usage
+errors (the config) and 1 otherwise. Ctrl-C (or SIGTERM) says
 what the run folder keeps and whether rerunning the same command resumes (exit 130 / 143).
 ``HYDRA_FULL_ERROR=1`` shows the full traceback instead, as in Hydra.
 """
@@ -30,13 +31,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ntklab.artifacts import RunFolderInUse
+from ntklab.distributed import DistributedError, PeerFailed
 from ntklab.experiments.schema import ConfigError, check_command_line
 
 __all__ = ["USAGE_ERROR", "Interrupted", "hydra_main", "user_error_message"]
 
 USAGE_ERROR = 2
 """Exit status of a config error (as argparse uses)."""
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RunFolderInUse, OSError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    RunFolderInUse,
+    OSError,
+    DistributedError,
+    PeerFailed,
+)
 """Errors whose message is for the user: printed without a traceback, exit status 1."""
 Task = Callable[[DictConfig], Any]
 

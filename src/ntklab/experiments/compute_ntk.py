@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ntklab import artifacts
+from ntklab import artifacts, distributed
 from ntklab.data import load_dataset_config
 from ntklab.eigen import SOLVERS as EIGEN_SOLVERS
 from ntklab.eigen import (
@@ -90,7 +90,10 @@ def check_options(cfg: DictConfig, num_samples: int) -> None:
 def run(cfg: DictConfig) -> Path:
     """Computes, eigendecomposes and saves the eNTK described by ``cfg``.
 
-    Everything is checked (config, data, options) before the run folder is touched.
+    Everything is checked (config, data, options) before the run folder is touched. With
+    ``distributed.*`` set (or inside a multi-task ``srun``) the same command runs in every process
+    of a JAX cluster: all compute the kernel together, process 0 alone claims, eigendecomposes
+    (a formed kernel) and writes the run folder, and every process ends with the same outcome.
 
     Args:
       cfg: the composed ``config/compute_ntk`` config (``seed``, ``model``, ``data``, ``ntk``,
@@ -105,8 +108,11 @@ def run(cfg: DictConfig) -> Path:
       FileNotFoundError: the dataset files are missing.
       FileExistsError: the run folder holds a run of another configuration.
       RunFolderInUse: another process is writing the run folder.
+      DistributedError: the distributed runtime could not start.
+      PeerFailed: another process of a multi-process run failed (its message is included).
     """
     validate(cfg)
+    distributed.initialize(cfg.get("distributed"))  # before any JAX computation
     timings: dict[str, float] = {}
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("JAX devices: %s", jax.devices())
@@ -119,19 +125,29 @@ def run(cfg: DictConfig) -> Path:
     check_options(cfg, num_samples)
     timings["data_s"] = time.perf_counter() - tic
 
-    with artifacts.open_run(
-        cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
-    ) as run_folder:
-        run_dir = run_folder.path
-        logger.info("writing to %s", run_dir.resolve())
-        _compute(cfg, model, dataset, x, run_folder, timings)
+    with distributed.together() as processes:  # several processes: one outcome for all
+        if distributed.is_writer():
+            with artifacts.open_run(
+                cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
+            ) as run_folder:
+                processes.step("claim")
+                run_dir = run_folder.path
+                logger.info("writing to %s", run_dir.resolve())
+                _compute(cfg, model, dataset, x, run_folder, timings)
+        else:  # process 0 claims and writes the run folder; this process computes its share
+            processes.step("claim")
+            run_dir = Path(cfg.paths.run_dir)
+            _compute(cfg, model, dataset, x, None, timings)
     logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
     return run_dir
 
 
-def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder, timings) -> None:
-    """Initializes the model, forms the kernel and its eigenpairs, and writes the run folder."""
-    run_dir = run_folder.path
+def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder | None, timings) -> None:
+    """Initializes the model, forms the kernel and its eigenpairs, and writes the run folder.
+
+    ``run_folder`` is None on the processes other than 0: they stop after their share.
+    """
+    run_dir = Path(cfg.paths.run_dir) if run_folder is None else run_folder.path
     num_samples = len(x)
     tic = time.perf_counter()
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed), tuple(x.shape[1:]))
@@ -147,6 +163,8 @@ def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder, timings) -
     )
 
     kernel, pairs = _kernel_and_eigenpairs(cfg, apply_fn, variables["params"], x, run_dir, timings)
+    if run_folder is None:
+        return
     logger.info(
         "top %d eigenpairs by the %s solver in %.2f s: λ_1=%.4g, max residual ‖Kv-λv‖/λ_1=%.2e",
         cfg.ntk.num_eigvecs,
@@ -213,8 +231,11 @@ def _kernel_and_eigenpairs(
     x: np.ndarray,
     run_dir: Path,
     timings: dict[str, float],
-) -> tuple[np.ndarray | None, Eigenpairs]:
-    """The kernel [N, N] (None for matrix-free solvers) and its top eigenpairs, timed."""
+) -> tuple[np.ndarray | None, Eigenpairs | None]:
+    """The kernel [N, N] (None for matrix-free solvers) and its top eigenpairs, timed.
+
+    On processes other than 0, a formed kernel's (None, None): process 0 eigendecomposes it.
+    """
     ntk = cfg.ntk
     options = {"batch_size": ntk.batch_size, "seed": cfg.seed}
     if ntk.solver in MATRIX_FREE_SOLVERS:
@@ -254,6 +275,8 @@ def _kernel_and_eigenpairs(
         progress=True,
     )
     timings["kernel_s"] = time.perf_counter() - tic
+    if not distributed.is_writer():  # process 0 eigendecomposes the formed kernel alone
+        return None, None
     check_finite(kernel)
     tic = time.perf_counter()
     pairs = top_eigenpairs(kernel, ntk.num_eigvecs, solver=ntk.solver, seed=cfg.seed, progress=True)

@@ -98,6 +98,16 @@ class NtkSchema:
 
 
 @dataclass
+class DistributedSchema:
+    """``compute_ntk.py``'s ``distributed:``: the arguments of :func:`ntklab.distributed.initialize`."""
+
+    coordinator_address: Optional[str] = MISSING
+    num_processes: Optional[int] = MISSING
+    process_id: Optional[int] = MISSING
+    timeout_s: int = MISSING
+
+
+@dataclass
 class AlignmentSchema:
     """``train_ntk.py``'s ``alignment:``."""
 
@@ -149,6 +159,7 @@ class ComputeNtkConfig:
     model: Any = MISSING  # typed by config/model/<name>.yaml's schema/model/<name>
     data: DataSchema = field(default_factory=DataSchema)
     ntk: NtkSchema = field(default_factory=NtkSchema)
+    distributed: DistributedSchema = field(default_factory=DistributedSchema)
     paths: ArtifactPaths = field(default_factory=ArtifactPaths)
 
 
@@ -299,6 +310,15 @@ def _image_shape(value: Any) -> str | None:
     return "a list [H, W, C] of three integers >= 1"
 
 
+def _host_port(value: Any) -> str | None:
+    if value is None:
+        return None
+    host, _, port = str(value).rpartition(":") if isinstance(value, str) else ("", "", "")
+    if host and port.isdigit() and 1 <= int(port) <= 65535:
+        return None
+    return "null or 'host:port' of process 0 (e.g. 127.0.0.1:12355)"
+
+
 def _solvers() -> Sequence[str]:
     from ntklab.experiments.compute_ntk import SOLVERS
 
@@ -376,6 +396,10 @@ RULES: dict[str, Check] = {
     "ntk.param_chunk_size": _at_least(1, optional=True),
     "ntk.projection_dim": _at_least(1, optional=True),
     "ntk.projection": _one_of(_ntk_choices("PROJECTIONS")),
+    "distributed.coordinator_address": _host_port,
+    "distributed.num_processes": _at_least(1, optional=True),
+    "distributed.process_id": _at_least(0, optional=True),
+    "distributed.timeout_s": _at_least(1),
     "alignment.num_eigvecs": _at_least(1, optional=True),
     "alignment.batch_size": _at_least(1),
     "alignment.vector_batch_size": _at_least(1),
