@@ -53,6 +53,13 @@ def test_alignment_defaults_to_every_eigenvector():
     assert compose("train_ntk").alignment.num_eigvecs is None
 
 
+def test_lr_normalization_and_bn_statistics_defaults_are_the_studys():
+    assert compose("train_ntk").train.lr_normalization == "none"
+    assert compose("pretrained_ntk_comparison").train.lr_normalization == "none"
+    assert compose("train_ntk").bn_statistics == "trained"  # K_T with the trained statistics
+    assert compose("pretrained_ntk_comparison").bn_statistics == "initial"  # (c) reset to θ0's
+
+
 @pytest.mark.parametrize(
     ("script", "override", "message"),
     [
@@ -72,6 +79,26 @@ def test_alignment_defaults_to_every_eigenvector():
             "train_ntk",
             "train.checkpoint_every=0",
             "train.checkpoint_every=0 is invalid: must be null",
+        ),
+        (
+            "train_ntk",
+            "train.lr_normalization=foo",
+            "train.lr_normalization='foo' is invalid: must be one of: none, ntk",
+        ),
+        (
+            "pretrained_ntk_comparison",
+            "train.lr_normalization=foo",
+            "train.lr_normalization='foo' is invalid: must be one of: none, ntk",
+        ),
+        (
+            "train_ntk",
+            "bn_statistics=x",
+            "bn_statistics='x' is invalid: must be one of: initial, tr",
+        ),
+        (
+            "pretrained_ntk_comparison",
+            "bn_statistics=x",
+            "bn_statistics='x' is invalid: must be one of: initial, trained",
         ),
         ("train_nads", "data.sigma=-1", "data.sigma=-1.0 is invalid: must be a finite number >= 0"),
         (
@@ -158,6 +185,11 @@ def test_ranges_choices_and_added_keys_are_refused_in_one_line(script, override,
             "unknown key model.widths; valid keys of model: name, n",
         ),
         ("compute_ntk", "model=vgg", "In 'compute_ntk/config': Could not find 'model/vgg'; Availa"),
+        (
+            "train_cifar",
+            "train.lr_normalization=ntk",
+            "unknown key train.lr_normalization; valid keys of train",
+        ),
     ],
 )
 def test_wrong_types_and_unknown_keys_are_refused_by_hydra(script, override, message):

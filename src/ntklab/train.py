@@ -63,7 +63,9 @@ non-zero ``weight_decay`` adds ``weight_decay · θ`` to the gradient first (cou
 ``weight_decay``). Learning rate ``max_lr`` with schedule ``linear`` (from ``max_lr`` to 0 over
 all steps), ``fixed``, or ``cyclic``: the one-cycle policy (cosine warm-up from ``max_lr/25`` to
 ``max_lr`` over the first 30% of steps, cosine decay to ``max_lr/25e4``; PyTorch's ``OneCycleLR``
-defaults, without momentum cycling).
+defaults, without momentum cycling). ``lr_normalization`` (``none`` | ``ntk``) is recorded, not
+applied here: with ``ntk`` the experiment scripts pass ``max_lr · λ_max(K_init) / λ_max(K_model)``
+as ``max_lr`` (:mod:`ntklab.lr_normalization`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ from ntklab.progress import progress_bar
 from ntklab.train_checkpoint import CheckpointStore, tree_digest
 from ntklab.train_steps import (
     LOSSES,
+    LR_NORMALIZATIONS,
     LR_SCHEDULES,
     OPTIMIZERS,
     EvalApplyFn,
@@ -107,6 +110,7 @@ from ntklab.types import ApplyFn, PyTree
 
 __all__ = [
     "LOSSES",
+    "LR_NORMALIZATIONS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "EvalApplyFn",
@@ -129,8 +133,9 @@ Evaluator = Callable[[TrainState], Mapping[str, float]]
 """``evaluator(state) -> {"split/metric": value}``, called at the end of training."""
 
 METRICS_LOG = "metrics.jsonl"
-NON_IDENTITY_OPTIONS = ("checkpoint_every", "eval_batch_size")
-"""Train options that do not change results (the evaluation batch only reorders float sums)."""
+NON_IDENTITY_OPTIONS = ("checkpoint_every", "eval_batch_size", "lr_normalization")
+"""Train options that do not change results (the evaluation batch only reorders float sums; the
+trainer takes ``max_lr`` as given, already normalized by the caller under ``lr_normalization``)."""
 PARAMS_FILE = "params.msgpack"
 
 

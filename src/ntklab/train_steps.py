@@ -32,6 +32,7 @@ from ntklab.types import ApplyFn, PyTree
 
 __all__ = [
     "LOSSES",
+    "LR_NORMALIZATIONS",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "CompiledSteps",
@@ -56,6 +57,7 @@ EvalApplyFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("linear", "fixed", "cyclic")
 LOSSES = ("bce", "mse")
+LR_NORMALIZATIONS = ("none", "ntk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,9 @@ class TrainConfig:
       checkpoint_every: with a checkpoint folder, save a checkpoint every this many epochs and
         after the last; None: about every 10% of the run (``max(1, round(epochs / 10))``).
         Does not change results.
+      lr_normalization: one of ``LR_NORMALIZATIONS``. The trainer itself uses ``max_lr`` as given:
+        the experiment scripts compute the normalized rate (:mod:`ntklab.lr_normalization`) and
+        pass it as ``max_lr``, keeping this field as the record of how it was chosen.
     """
 
     epochs: int = 100
@@ -89,12 +94,14 @@ class TrainConfig:
     eval_batch_size: int = 1024
     evaluate_every: int = 0
     checkpoint_every: int | None = None
+    lr_normalization: str = "none"
 
     def __post_init__(self) -> None:
         for name, choices in (
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", LR_SCHEDULES),
             ("loss", LOSSES),
+            ("lr_normalization", LR_NORMALIZATIONS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -395,7 +402,12 @@ def compiled_steps(
         device, placements left to JAX.
     """
     key = dataclasses.replace(
-        config, epochs=0, eval_batch_size=1, evaluate_every=0, checkpoint_every=None
+        config,
+        epochs=0,
+        eval_batch_size=1,
+        evaluate_every=0,
+        checkpoint_every=None,
+        lr_normalization="none",
     )
     return _compiled_steps(key, total_steps, mesh)
 

@@ -12,13 +12,27 @@ three runs with the same data order (``seed``) and training options:
 - ``linear_init``: the linearization without bias at θ0, ``J(θ0, x)(θ − θ0)``, from θ0, with the
   initial BatchNorm statistics in inference mode;
 - ``linear_pretrained``: the linearization without bias at the network's trained parameters,
-  ``J(θ_T, x)(θ − θ_T)`` with BatchNorm statistics reset to the initial ones, from θ_T.
+  ``J(θ_T, x)(θ − θ_T)``, from θ_T, with the BatchNorm running statistics ``bn_statistics``
+  names: ``initial`` (the default: reset to θ0's) or ``trained`` (those the network reached).
 
 Both linear models output 0 at their starting point, so they differ only in their tangent kernel.
+One ``bn_statistics`` choice covers (c)'s linearization, hence its kernel, its training and its
+learning-rate estimate; models without BatchNorm accept and record the key (``has_batch_norm:
+false``), which then has no effect.
+
+**Step sizes.** With ``train.lr_normalization=ntk``, (c) trains with ``max_lr · λ_max(K_init) /
+λ_max(K_(c))``: the top eNTK eigenvalues on the train set of the initial network and of (c)'s
+model (the network's at θ_T under (c)'s statistics), each from a few matrix-free power iterations
+(:mod:`ntklab.lr_normalization`); the estimate is saved in
+``runs/linear_pretrained/lr_normalization.json`` and reused when the run resumes. (a) and (b)
+start at θ0 with the kernel K_init, so their ratio is 1 by definition and is not estimated.
+``lr_normalization`` in metrics.json and meta.json records, per run, the λ_max estimates, the ratio
+and the effective ``max_lr``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -29,7 +43,15 @@ from flax import linen as nn
 from omegaconf import DictConfig
 
 from ntklab import artifacts
-from ntklab.experiments.train_ntk import check_label_idx, eigenfunction_labels, load_ntk_run
+from ntklab.experiments.train_ntk import (
+    bn_statistics_record,
+    check_label_idx,
+    eigenfunction_labels,
+    from_init_lr_scale,
+    has_batch_norm,
+    load_ntk_run,
+    select_batch_stats,
+)
 from ntklab.experiments.training import (
     file_sha256,
     fit_model_kwargs,
@@ -40,14 +62,19 @@ from ntklab.experiments.training import (
     train_config,
     write_results,
 )
+from ntklab.lr_normalization import LrScale, ntk_lr_scale
+from ntklab.models import inference_apply_fn
 from ntklab.plots import comparison_figure
-from ntklab.train import fit
+from ntklab.train import TrainConfig, fit
 from ntklab.types import PyTree
 
 logger = logging.getLogger(__name__)
 
 RUNS = ("network", "linear_init", "linear_pretrained")
 """The three runs, in the order they are trained."""
+
+LR_SCALE_FILE = "lr_normalization.json"
+"""(c)'s learning-rate estimate in its run folder, reused on resume (the same lr bit for bit)."""
 
 
 def comparison_setup(
@@ -56,6 +83,8 @@ def comparison_setup(
     model: nn.Module,
     init_variables: PyTree,
     pretrained_params: PyTree | None = None,
+    pretrained_batch_stats: PyTree | None = None,
+    bn_statistics: str = "initial",
 ) -> dict[str, Any]:
     """The model arguments of :func:`ntklab.train.fit` for one of the three runs.
 
@@ -64,12 +93,16 @@ def comparison_setup(
       model: the Flax module.
       init_variables: ``{"params": θ0, "batch_stats": ...}`` at initialization.
       pretrained_params: θ_T of the ``network`` run; needed for ``linear_pretrained``.
+      pretrained_batch_stats: the ``network`` run's final BatchNorm statistics; needed for
+        ``linear_pretrained`` with ``bn_statistics="trained"`` when the model has BatchNorm.
+      bn_statistics: ``linear_pretrained``'s statistics: ``initial`` (θ0's) or ``trained``.
 
     Returns:
       ``apply_fn`` or ``train_apply_fn``/``eval_apply_fn``, ``params`` and ``batch_stats``.
 
     Raises:
-      ValueError: unknown name, or ``linear_pretrained`` without ``pretrained_params``.
+      ValueError: unknown name or ``bn_statistics``, or ``linear_pretrained`` without
+        ``pretrained_params`` (or without ``pretrained_batch_stats`` when they are needed).
     """
     if name == "network":
         return fit_model_kwargs(model, init_variables)
@@ -80,7 +113,18 @@ def comparison_setup(
     if name == "linear_pretrained":
         if pretrained_params is None:
             raise ValueError("linear_pretrained needs the network run's trained parameters")
-        variables = {**init_variables, "params": pretrained_params}  # initial BatchNorm stats
+        init_stats = init_variables.get("batch_stats", {})
+        if pretrained_batch_stats is None and bn_statistics == "trained":
+            if has_batch_norm(init_variables):
+                raise ValueError(
+                    "linear_pretrained with bn_statistics='trained' needs the network run's "
+                    "BatchNorm statistics (pretrained_batch_stats)"
+                )
+            pretrained_batch_stats = init_stats  # no BatchNorm: nothing to choose
+        stats = select_batch_stats(bn_statistics, init_stats, pretrained_batch_stats)
+        variables = {**init_variables, "params": pretrained_params}
+        if "batch_stats" in init_variables:
+            variables["batch_stats"] = stats
         return fit_model_kwargs(model, variables, linearize_at=pretrained_params, with_bias=False)
     raise ValueError(f"unknown run {name!r}; valid choices: {', '.join(RUNS)}")
 
@@ -120,24 +164,33 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
     }
     finals: dict[str, dict] = {}
     timings: dict[str, float] = {}
-    pretrained = None
+    scales: dict[str, LrScale] = {}
+    pretrained, pretrained_stats = None, None
     for name in RUNS:
         setup = comparison_setup(
             name,
             model=ntk_run.model,
             init_variables=ntk_run.variables,
             pretrained_params=pretrained,
+            pretrained_batch_stats=pretrained_stats,
+            bn_statistics=cfg.bn_statistics,
         )
         folder = run_dir / "runs" / name
         artifacts.save_params(
             folder / "start_params.msgpack",
             {"params": setup["params"], "batch_stats": setup["batch_stats"]},
         )
+        if name == "linear_pretrained" and config.lr_normalization == "ntk":
+            tic = time.perf_counter()
+            scales[name] = _pretrained_lr_scale(config, ntk_run, setup, data["x_train"], folder)
+            timings["lr_normalization_s"] = time.perf_counter() - tic
+        else:
+            scales[name] = from_init_lr_scale(config)  # (a), (b): K_init itself
         tic = time.perf_counter()
         result = fit(
             **setup,
             **data,
-            config=config,
+            config=dataclasses.replace(config, max_lr=scales[name].effective_max_lr),
             seed=order_seed(cfg),
             run_dir=folder,
             checkpoint_dir=run_dir / "checkpoints" / name,
@@ -147,7 +200,7 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
         timings[f"{name}_s"] = time.perf_counter() - tic
         finals[name] = result.final
         if name == "network":
-            pretrained = result.params
+            pretrained, pretrained_stats = result.params, result.batch_stats
 
     accuracies = {
         name: {key: final[key] for key in ("train/acc", "test/acc")}
@@ -160,6 +213,10 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
     for suffix in ("png", "pdf"):
         artifacts.save_figure(figure, run_dir / f"comparison.{suffix}")
     logger.info("test accuracies: %s", {k: round(v["test/acc"], 4) for k, v in accuracies.items()})
+    facts = {
+        "lr_normalization": {name: scale.as_dict() for name, scale in scales.items()},
+        **bn_statistics_record(cfg.bn_statistics, ntk_run.variables),
+    }
     write_results(
         run_folder,
         cfg=cfg,
@@ -169,8 +226,49 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
             "eigval": float(ntk_run.eigvals[cfg.label_idx]),
             "train/label_mean": float(np.mean(labels[:n])),
             **run_facts(file_sha256(ntk_run.path / "init_params.msgpack"), labels[:n], labels[n:]),
+            **facts,
             "runs": finals,
         },
-        meta=ntk_run_meta(ntk_run, timings),
+        meta={**ntk_run_meta(ntk_run, timings), **facts},
         summary_name=f"label_{cfg.label_idx}-seed_{cfg.seed}.json",
     )
+
+
+def _pretrained_lr_scale(
+    config: TrainConfig,
+    ntk_run: artifacts.NTKRun,
+    setup: dict[str, Any],
+    x_train: np.ndarray,
+    folder: Path,
+) -> LrScale:
+    """(c)'s learning rate under ``lr_normalization=ntk``: ``max_lr · λ_max(K_init) / λ_max(K_(c))``.
+
+    K_init is the initial network's eNTK (θ0, θ0's BatchNorm statistics), K_(c) that of the model
+    (c) trains, both on the train set [N_train, ...]. (c)'s model J(θ_T)(θ − θ_T) has, at every
+    θ, the network's eNTK at θ_T under (c)'s BatchNorm statistics ``setup["batch_stats"]`` (those
+    ``bn_statistics`` chose), so that network is what the estimate multiplies with (it is also
+    cheaper than differentiating the linearization). A saved estimate in ``folder`` (an
+    interrupted run's) is reused, so a resumed run has the identical learning rate.
+    """
+    path = folder / LR_SCALE_FILE
+    if path.is_file():
+        scale = LrScale.from_dict(artifacts.load_json(path))
+        logger.info(
+            "lr_normalization=ntk: reusing %s: ratio %.6g, max_lr %.6g -> %.6g",
+            path,
+            scale.ratio,
+            scale.max_lr,
+            scale.effective_max_lr,
+        )
+        return scale
+    pretrained = {"params": setup["params"], "batch_stats": setup["batch_stats"]}
+    scale = ntk_lr_scale(
+        inference_apply_fn(ntk_run.model, ntk_run.variables),
+        ntk_run.params,
+        inference_apply_fn(ntk_run.model, pretrained),
+        setup["params"],
+        x_train,
+        max_lr=config.max_lr,
+    )
+    artifacts.save_json(path, scale.as_dict())
+    return scale

@@ -78,6 +78,13 @@ class TrainSchema:
 
 
 @dataclass
+class EigenfunctionTrainSchema(TrainSchema):
+    """``train:`` of train_ntk.py and pretrained_ntk_comparison.py: also ``lr_normalization``."""
+
+    lr_normalization: str = MISSING  # none | ntk: see ntklab.lr_normalization
+
+
+@dataclass
 class NtkSchema:
     """``compute_ntk.py``'s ``ntk:``."""
 
@@ -187,6 +194,8 @@ class TrainNtkConfig(TrainingConfig):
     label_idx: int = MISSING
     linearize: bool = MISSING
     with_bias: bool = MISSING
+    bn_statistics: str = MISSING  # initial | trained: BatchNorm statistics of the alignment kernel
+    train: EigenfunctionTrainSchema = field(default_factory=EigenfunctionTrainSchema)
     data: DataSchema = field(default_factory=DataSchema)
     alignment: AlignmentSchema = field(default_factory=AlignmentSchema)
     paths: EigenfunctionTrainingPaths = field(default_factory=EigenfunctionTrainingPaths)
@@ -195,6 +204,8 @@ class TrainNtkConfig(TrainingConfig):
 @dataclass
 class PretrainedNtkComparisonConfig(TrainingConfig):
     label_idx: int = MISSING
+    bn_statistics: str = MISSING  # initial | trained: BatchNorm statistics of run (c)
+    train: EigenfunctionTrainSchema = field(default_factory=EigenfunctionTrainSchema)
     data: DataSchema = field(default_factory=DataSchema)
     paths: EigenfunctionTrainingPaths = field(default_factory=EigenfunctionTrainingPaths)
 
@@ -383,6 +394,8 @@ RULES: dict[str, Check] = {
     "train.optimizer": _one_of(_train_choices("OPTIMIZERS")),
     "train.lr_schedule": _one_of(_train_choices("LR_SCHEDULES")),
     "train.loss": _one_of(_train_choices("LOSSES")),
+    "train.lr_normalization": _one_of(_train_choices("LR_NORMALIZATIONS")),
+    "bn_statistics": _one_of(lambda: ("initial", "trained")),
     "ntk.batch_size": _at_least(1),
     "ntk.num_eigvecs": _at_least(1),
     "ntk.solver": _one_of(_solvers),

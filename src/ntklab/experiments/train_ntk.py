@@ -12,7 +12,15 @@ sign(0) counts as +1 (so the label is ``v >= 0``), trains on the first ``num_tra
 tests on the rest. For network runs it then measures how the kernel rotated: for each of the top
 ``alignment.num_eigvecs`` initial eigenvectors φ_v (and the trained one) the Rayleigh quotient
 φ_vᵀ K_T φ_v / ‖φ_v‖² of the end-of-training eNTK K_T, at the trained parameters with BatchNorm in
-inference mode using the **trained** running statistics, on train, test and all samples.
+inference mode, on train, test and all samples. ``bn_statistics`` picks K_T's running statistics:
+``trained`` (the default: those the network reached) or ``initial`` (θ0's); K_0 always uses θ0's.
+Models without BatchNorm accept and record the key, which has no effect (``has_batch_norm:
+false`` in metrics.json and meta.json).
+
+``train.lr_normalization=ntk`` rescales the learning rate by λ_max(K_init) / λ_max(K_model)
+(:mod:`ntklab.lr_normalization`); the network and the linearization at θ0 both start with the
+kernel K_init, so here the ratio is 1 by definition and nothing is estimated. The record
+(``lr_normalization`` in metrics.json and meta.json) says so.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import logging
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
 from jax.tree_util import Partial
 from omegaconf import DictConfig
@@ -42,8 +52,10 @@ from ntklab.experiments.training import (
     train_config,
     write_results,
 )
+from ntklab.lr_normalization import LrScale, unit_lr_scale
 from ntklab.plots import alignment_figure
-from ntklab.train import eval_apply_fn, fit
+from ntklab.train import TrainConfig, eval_apply_fn, fit
+from ntklab.types import PyTree
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +64,54 @@ DEFAULT_NUM_EIGVECS = 200
 
 NON_IDENTITY_DATA_KEYS = ("root", "download")
 """Data keys that may differ between this run and the eigenfunction run."""
+
+BN_STATISTICS = ("initial", "trained")
+"""``bn_statistics``: which BatchNorm running statistics a trained model's kernel uses."""
+
+SAME_KERNEL = "the model starts at θ0 with the initial kernel K_init: ratio 1 by definition"
+"""Why ``lr_normalization=ntk`` estimates nothing for a network or linearization from θ0."""
+
+
+def has_batch_norm(variables: PyTree) -> bool:
+    """Whether a model's variables hold BatchNorm running statistics."""
+    return bool(jax.tree.leaves(variables.get("batch_stats", {})))
+
+
+def select_batch_stats(bn_statistics: str, initial: PyTree, trained: PyTree) -> PyTree:
+    """The BatchNorm running statistics ``bn_statistics`` names.
+
+    Args:
+      bn_statistics: ``initial`` or ``trained`` (one of ``BN_STATISTICS``).
+      initial: θ0's statistics (``{}`` without BatchNorm).
+      trained: the trained network's statistics.
+
+    Raises:
+      ValueError: another value (the message lists the valid ones).
+    """
+    if bn_statistics == "initial":
+        return initial
+    if bn_statistics == "trained":
+        return trained
+    raise ValueError(
+        f"bn_statistics={bn_statistics!r} is invalid: must be one of: {', '.join(BN_STATISTICS)}"
+    )
+
+
+def bn_statistics_record(bn_statistics: str, variables: PyTree) -> dict[str, Any]:
+    """``bn_statistics`` and ``has_batch_norm`` for metrics.json and meta.json (the key is
+    accepted but has no effect when the model has no BatchNorm layers)."""
+    return {"bn_statistics": bn_statistics, "has_batch_norm": has_batch_norm(variables)}
+
+
+def from_init_lr_scale(config: TrainConfig) -> LrScale:
+    """The learning-rate record of a run that starts at θ0 (network or linearization at θ0),
+    whose kernel is K_init: ratio 1, nothing estimated; logged once with ``lr_normalization=ntk``."""
+    if config.lr_normalization == "none":
+        return unit_lr_scale("none", config.max_lr, reason="lr_normalization=none")
+    logger.info(
+        "lr_normalization=%s: %s; max_lr %g", config.lr_normalization, SAME_KERNEL, config.max_lr
+    )
+    return unit_lr_scale(config.lr_normalization, config.max_lr, reason=SAME_KERNEL)
 
 
 def eigenfunction_labels(eigvecs: np.ndarray, label_idx: int) -> np.ndarray:
@@ -249,8 +309,13 @@ def _train(cfg, config, ntk_run: NTKRun, labels, run_folder, timings) -> None:
     )
     timings["train_s"] = result.final["wall_time_s"]
 
+    facts = {
+        "lr_normalization": from_init_lr_scale(config).as_dict(),
+        **bn_statistics_record(cfg.bn_statistics, ntk_run.variables),
+    }
     metrics = {
         **result.final,
+        **facts,
         "label_idx": cfg.label_idx,
         "mode": mode,
         "eigval": float(ntk_run.eigvals[cfg.label_idx]),
@@ -268,7 +333,7 @@ def _train(cfg, config, ntk_run: NTKRun, labels, run_folder, timings) -> None:
         cfg=cfg,
         script="train_ntk",
         metrics=metrics,
-        meta=ntk_run_meta(ntk_run, timings),
+        meta={**ntk_run_meta(ntk_run, timings), **facts},
         summary_name=f"label_{cfg.label_idx}-{mode}-seed_{cfg.seed}.json",
     )
 
@@ -282,7 +347,11 @@ def _aligns(cfg: DictConfig) -> bool:
 
 
 def _alignment(cfg, ntk_run: NTKRun, params, batch_stats, run_dir: Path) -> dict[str, float]:
-    """Saves ``alignment.npz`` and its plots; returns the trained eigenvector's quotients."""
+    """Saves ``alignment.npz`` and its plots; returns the trained eigenvector's quotients.
+
+    K_0 is taken at θ0 with θ0's BatchNorm statistics, K_T at ``params`` with the statistics
+    ``cfg.bn_statistics`` names (``batch_stats``: the trained ones, or θ0's).
+    """
     available = len(ntk_run.eigvecs)
     num_eigvecs = min(cfg.alignment.num_eigvecs or available, available)
     if num_eigvecs < (cfg.alignment.num_eigvecs or 0):
@@ -302,11 +371,12 @@ def _alignment(cfg, ntk_run: NTKRun, params, batch_stats, run_dir: Path) -> dict
     # One function of (batch_stats, params, x) for both kernels, so the VJP compiles once.
     stats_first = functools.partial(_stats_first, eval_apply_fn(ntk_run.model))
     init_stats = ntk_run.variables.get("batch_stats", {})
+    final_stats = select_batch_stats(cfg.bn_statistics, init_stats, batch_stats)
     initial = rayleigh_quotients(
         Partial(stats_first, init_stats), ntk_run.params, ntk_run.x, vectors, **options
     )
     final = rayleigh_quotients(
-        Partial(stats_first, batch_stats), params, ntk_run.x, vectors, **options
+        Partial(stats_first, final_stats), params, ntk_run.x, vectors, **options
     )
     artifacts.save_arrays(
         run_dir / "alignment.npz",
