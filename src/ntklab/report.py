@@ -54,7 +54,7 @@ X_KEYS = ("nad_idx", "label_idx", "data.num_train")
 GROUP_KEYS = ("script", "data.dataset", "model.name")
 """Keys that always separate figures."""
 
-IGNORED_KEYS = ("seed", "progress", "overwrite", "linearize", "with_bias", "mode")
+IGNORED_KEYS = ("seed", "progress", "overwrite", "prerequisites", "linearize", "with_bias", "mode")
 """Config keys that never separate figures (repeats, or the series itself)."""
 
 IGNORED_PREFIXES = ("paths.", "hydra.")
@@ -252,7 +252,7 @@ def band_label(rows: Sequence[dict[str, Any]], x_key: str) -> str:
         for members in repeats.values()
     )
     if distinct == 1.0:
-        return f"±1 std over {count} initializations"
+        return f"±1 std over {count} initialization{'s' if count != 1 else ''}"
     return f"±1 std over {count} runs sharing an initialization (seeds vary the data order)"
 
 
@@ -319,11 +319,10 @@ def _finite(value: Any) -> bool:
 
 
 def _xscale(x_key: str, curves: dict[str, tuple[np.ndarray, ...]]) -> str:
-    """``log`` for sample counts, ``index`` (symlog, integer ticks) for indices spanning a decade."""
+    """``log`` for sample counts, ``index`` for indices (symlog from a decade on, integer ticks)."""
     if x_key == "data.num_train":
         return "log"
-    largest = max(float(np.max(xs)) for xs, *_ in curves.values())
-    return "index" if largest >= 10 else "linear"
+    return "index"  # symlog once the indices span a decade; integer ticks always
 
 
 def _figure_name(group: dict[str, Any], metric: str, x_key: str) -> str:
@@ -415,9 +414,14 @@ def report(
 
 def _title(group: dict[str, Any]) -> str:
     """``lenet on cifar10 (train_ntk), train.max_lr=0.1``: no key whose value is missing."""
-    head = f"{group.get('model.name')} on {group.get('data.dataset')} ({group.get('script')})"
+    model, dataset, script = (group.get(key) for key in ("model.name", "data.dataset", "script"))
+    if dataset is None and script == "train_nads":
+        dataset = "NAD tasks"
+    head = " on ".join(str(part) for part in (model, dataset) if part is not None)
+    if script is not None:
+        head = f"{head} ({script})" if head else str(script)
     rest = [f"{k}={v}" for k, v in group.items() if k not in GROUP_KEYS and v is not None]
-    return ", ".join([head, *rest]).replace("None on None ", "").replace("None on ", "")
+    return ", ".join([head, *rest])
 
 
 def _alignment_figures(folder: Path, rows: Sequence[dict[str, Any]]) -> list[tuple]:

@@ -43,6 +43,7 @@ from flax import linen as nn
 from omegaconf import DictConfig
 
 from ntklab import artifacts
+from ntklab.experiments.presets import ensure_eigenfunctions
 from ntklab.experiments.train_ntk import (
     bn_statistics_record,
     check_label_idx,
@@ -145,6 +146,7 @@ def run(cfg: DictConfig) -> Path:
     """
     config = train_config(cfg)
     check_label_idx(cfg.label_idx)
+    ensure_eigenfunctions(cfg, num_eigvecs=cfg.label_idx + 1)  # prerequisites=create
     ntk_run = load_ntk_run(cfg, num_eigvecs=cfg.label_idx + 1)
     labels = eigenfunction_labels(ntk_run.eigvecs, cfg.label_idx)
     with open_training_run(cfg) as run_folder:

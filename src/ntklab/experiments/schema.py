@@ -192,6 +192,7 @@ class TrainingConfig:
 @dataclass
 class TrainNtkConfig(TrainingConfig):
     label_idx: int = MISSING
+    prerequisites: str = MISSING  # require | create: a missing compute_ntk.py run
     linearize: bool = MISSING
     with_bias: bool = MISSING
     bn_statistics: str = MISSING  # initial | trained: BatchNorm statistics of the alignment kernel
@@ -204,6 +205,7 @@ class TrainNtkConfig(TrainingConfig):
 @dataclass
 class PretrainedNtkComparisonConfig(TrainingConfig):
     label_idx: int = MISSING
+    prerequisites: str = MISSING  # require | create: a missing compute_ntk.py run
     bn_statistics: str = MISSING  # initial | trained: BatchNorm statistics of run (c)
     train: EigenfunctionTrainSchema = field(default_factory=EigenfunctionTrainSchema)
     data: DataSchema = field(default_factory=DataSchema)
@@ -213,6 +215,7 @@ class PretrainedNtkComparisonConfig(TrainingConfig):
 @dataclass
 class TrainNadsConfig(TrainingConfig):
     label_idx: int = MISSING
+    prerequisites: str = MISSING  # require | create: a missing compute_nads.py run
     linearize: bool = MISSING
     with_bias: bool = MISSING
     data: NadDataSchema = field(default_factory=NadDataSchema)
@@ -375,6 +378,7 @@ def _dataset_names() -> Sequence[str]:
 RULES: dict[str, Check] = {
     "seed": _at_least(0),
     "label_idx": _at_least(0),
+    "prerequisites": _one_of(lambda: ("require", "create")),
     "model.name": _one_of(_model_names),
     "model.activation": _one_of(_activation_names),
     "model.num_outputs": _at_least(1),

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from ntklab import artifacts
 from ntklab.experiments.compute_nads import NADRun, load_nads
+from ntklab.experiments.presets import ensure_nads
 from ntklab.experiments.training import (
     file_sha256,
     fit_model_kwargs,
@@ -125,6 +126,7 @@ def run(cfg: DictConfig) -> Path:
     timings: dict[str, float] = {}
     config = train_config(cfg)
     tic = time.perf_counter()
+    ensure_nads(cfg)  # prerequisites=create
     nads = load_nads_for(cfg)
     check_label_idx(cfg.label_idx, len(nads.directions))
     data = nad_dataset(

@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 from ntklab import artifacts
 from ntklab.alignment import rayleigh_quotients
 from ntklab.artifacts import NTKRun, load_run
+from ntklab.experiments.presets import ensure_eigenfunctions
 from ntklab.experiments.training import (
     file_sha256,
     fit_model_kwargs,
@@ -265,6 +266,7 @@ def run(cfg: DictConfig) -> Path:
     config = train_config(cfg)
     check_label_idx(cfg.label_idx)
     tic = time.perf_counter()
+    ensure_eigenfunctions(cfg, num_eigvecs=cfg.label_idx + 1)  # prerequisites=create
     ntk_run = load_ntk_run(cfg, num_eigvecs=cfg.label_idx + 1)
     labels = eigenfunction_labels(ntk_run.eigvecs, cfg.label_idx)
     warn_if_unresolved(ntk_run.path, cfg.label_idx)

@@ -36,7 +36,7 @@ METRICS_FILE = "metrics.json"
 
 
 NON_IDENTITY_KEYS = {
-    "": ("paths", "progress", "overwrite"),
+    "": ("paths", "progress", "overwrite", "prerequisites"),
     "data": ("root", "download"),
     "train": ("eval_batch_size", "checkpoint_every"),
     "alignment": ("batch_size", "vector_batch_size"),
