@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ntk_operator import run_on_four_devices
 
 import ntklab.eigen._stored
-from ntklab._kernel_operator import NtkOperator
 from ntklab.eigen import (
     METHODS,
     choose_solver,
@@ -223,10 +224,14 @@ def test_errors_name_the_bad_value():
 # Matrix-free and Nyström eigenpairs of a real network's eNTK, against numpy.linalg.eigh of the
 # explicit kernel from ntklab.ntk.empirical_ntk (itself tested against brute-force jax.jacrev).
 
-NETWORKS = {"mlp": ({"widths": (16, 8)}, (6, 6, 2)), "lenet": ({}, (8, 8, 3))}
+NETWORKS = {  # label -> (registered model, its options, example shape)
+    "mlp": ("mlp", {"widths": (16, 8)}, (6, 6, 2)),
+    "mlp3": ("mlp", {"widths": (16, 8), "num_outputs": 3}, (6, 6, 2)),  # trace kernel, 3 logits
+    "lenet": ("lenet", {}, (8, 8, 3)),
+}
 NUM_EXAMPLES = 64
 NUM_EIGVECS = 6
-OVERSAMPLING = 4  # blocks of 10 vectors, which the operator test also uses (one compile)
+OVERSAMPLING = 4  # blocks of 10 vectors
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +239,8 @@ def networks():
     """name -> (apply_fn, float32 params, example shape); built once so that compiled operator
     blocks are shared between tests (the apply_fn is a static jit argument)."""
     built = {}
-    for name, (kwargs, shape) in NETWORKS.items():
-        model = build_model(name, activation="gelu", **kwargs)
+    for name, (model_name, kwargs, shape) in NETWORKS.items():
+        model = build_model(model_name, activation="gelu", **kwargs)
         variables = init_variables(model, jax.random.PRNGKey(0), shape)
         built[name] = (inference_apply_fn(model, variables), variables["params"], shape)
     return built
@@ -263,58 +268,33 @@ def problems(networks):
     return problem
 
 
-@pytest.mark.parametrize("implementation", ["products", "jacobian"])
-@pytest.mark.parametrize("name", ["mlp", "lenet"])
-def test_operator_matches_explicit_kernel(name, implementation, problems, float64):
-    apply_fn, params, x, kernel, _, _ = problems(name)
-    # 64 examples in blocks of 24 (last block padded); 13 vectors in passes of 10 (last padded).
-    operator = NtkOperator(
-        apply_fn,
-        params,
-        x,
-        batch_size=24,
-        width=NUM_EIGVECS + OVERSAMPLING,
-        implementation=implementation,
-    )
-    assert operator.implementation == implementation
-    vectors = np.random.default_rng(0).standard_normal((NUM_EXAMPLES, 13))
-    expected = kernel @ vectors
-    np.testing.assert_allclose(
-        operator.matmat(vectors), expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max()
-    )
-    np.testing.assert_allclose(operator.matmat(vectors[:, 0]), expected[:, 0], rtol=1e-10)
-    assert operator.num_passes == 2 * 2 + 2
+MATRIX_FREE_CASES = [
+    ("mlp", "block_krylov", "auto", None),
+    ("mlp", "lobpcg", "jacobian", None),
+    ("mlp", "lanczos", "auto", None),
+    ("mlp", "block_krylov", "ntk_vector_products", None),
+    ("mlp", "block_krylov", "jacobian", 400_000),  # parameter chunks recomputed every pass
+    ("mlp3", "block_krylov", "structured", None),
+    ("lenet", "block_krylov", "auto", None),
+]
 
 
-def test_operator_splits_wide_blocks_to_fit_the_workspace(problems, float64):
-    apply_fn, params, x, kernel, _, _ = problems("mlp")
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    # Half for 2 vectors' accumulators (2 x [2, P]), half for a Jacobian of 4 examples [4, P].
-    workspace = 8 * num_params * 8
-    operator = NtkOperator(
-        apply_fn, params, x, width=8, implementation="auto", workspace_bytes=workspace
-    )
-    assert (operator.width, operator.batch_size, operator.implementation) == (2, 64, "products")
-    operator = NtkOperator(
-        apply_fn, params, x, width=8, implementation="jacobian", workspace_bytes=workspace
-    )
-    assert (operator.width, operator.batch_size) == (2, 4)
-    vectors = np.random.default_rng(1).standard_normal((NUM_EXAMPLES, 5))
-    np.testing.assert_allclose(operator.matmat(vectors), kernel @ vectors, rtol=1e-10, atol=1e-10)
-    assert operator.num_passes == 2 * 3
-
-
-@pytest.mark.parametrize(
-    "name, method",
-    [("mlp", "block_krylov"), ("mlp", "lobpcg"), ("mlp", "lanczos"), ("lenet", "block_krylov")],
-)
-def test_matrix_free_matches_dense_eigh(name, method, problems, float64):
+@pytest.mark.parametrize("name, method, implementation, memory_bytes", MATRIX_FREE_CASES)
+def test_matrix_free_matches_dense_eigh(
+    name, method, implementation, memory_bytes, problems, float64, caplog
+):
+    caplog.set_level(logging.INFO, logger="ntklab")
     apply_fn, params, x, kernel, values, vectors = problems(name)
     k = NUM_EIGVECS
     pairs = matrix_free_eigenpairs(
-        apply_fn, params, x, k, batch_size=24, method=method, oversampling=OVERSAMPLING
-    )
+        apply_fn, params, x, k, batch_size=24, method=method, oversampling=OVERSAMPLING,
+        implementation=implementation, memory_bytes=memory_bytes,
+    )  # fmt: skip
     assert pairs.solver == f"matrix_free:{method}"
+    if implementation != "auto":
+        assert f"matrix-free eigenpairs ({method}, {implementation})" in caplog.text
+    if memory_bytes is not None:
+        assert "features recomputed per pass" in caplog.text
     assert pairs.values.shape == (k,) and pairs.vectors.shape == (NUM_EXAMPLES, k)
     np.testing.assert_allclose(pairs.values, values[:k], rtol=1e-6)
     assert np.all(np.diff(pairs.values) <= 0)
@@ -322,9 +302,9 @@ def test_matrix_free_matches_dense_eigh(name, method, problems, float64):
     assert_projectors_match(pairs.vectors, values, vectors, atol=1e-6)
     peaks = pairs.vectors[np.argmax(np.abs(pairs.vectors), axis=0), np.arange(k)]
     assert np.all(peaks > 0)
-    # The reported residual is the true one (checked with the explicit kernel) and small.
-    dense_residual = max_relative_residual(kernel, pairs.values, pairs.vectors)
-    np.testing.assert_allclose(pairs.max_residual, dense_residual, rtol=1e-4, atol=1e-13)
+    # Every reported residual is the true one (checked with the explicit kernel) and small.
+    dense_residuals = pair_residuals(kernel, pairs.values, pairs.vectors)
+    np.testing.assert_allclose(pairs.residuals, dense_residuals, rtol=1e-4, atol=1e-13)
     assert pairs.max_residual < 1e-9
 
 
@@ -393,11 +373,23 @@ def test_solvers_on_an_exactly_degenerate_spectrum(method):
             assert np.linalg.norm(top @ top.T - cluster, 2) < 1e-8
 
 
-def test_nystrom_with_all_landmarks_is_exact(problems, float64):
-    # Repeated examples make K_mm singular, exercising the pseudo-inverse cutoff.
-    apply_fn, params, x, _, values, vectors = problems("mlp", n=40, duplicates=5)
-    pairs = nystrom_eigenpairs(apply_fn, params, x, NUM_EIGVECS, num_landmarks=40, batch_size=16)
+@pytest.mark.parametrize(
+    "memory_bytes, columns",
+    [(None, "K·E from cached features"), (300_000, "by empirical_ntk")],
+)
+def test_nystrom_with_all_landmarks_is_exact(memory_bytes, columns, problems, float64, caplog):
+    # Repeated examples make K_mm singular, exercising the pseudo-inverse cutoff. A small budget
+    # keeps the operator from caching features, so the columns come from empirical_ntk instead.
+    caplog.set_level(logging.INFO, logger="ntklab")
+    apply_fn, params, x, kernel, values, vectors = problems("mlp", n=40, duplicates=5)
+    pairs = nystrom_eigenpairs(
+        apply_fn, params, x, NUM_EIGVECS, num_landmarks=40, batch_size=16,
+        implementation="jacobian", memory_bytes=memory_bytes,
+    )  # fmt: skip
+    assert f"(columns {columns})" in caplog.text
     assert pairs.solver == "nystrom"
+    dense_residuals = pair_residuals(kernel, pairs.values, pairs.vectors)
+    np.testing.assert_allclose(pairs.residuals, dense_residuals, rtol=1e-4, atol=1e-13)
     np.testing.assert_allclose(pairs.values, values[:NUM_EIGVECS], rtol=1e-9)
     assert_projectors_match(pairs.vectors, values, vectors, atol=1e-7)
     np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(NUM_EIGVECS), atol=1e-10)
@@ -436,10 +428,13 @@ def test_matrix_free_bad_arguments(networks):
         matrix_free_eigenpairs(apply_fn, params, x, 0)
     with pytest.raises(ValueError, match="'lanczos' needs num_eigvecs < N - 1; got num_eigvecs=9"):
         matrix_free_eigenpairs(apply_fn, params, x, 9, method="lanczos")
-    with pytest.raises(
-        ValueError, match="unknown implementation 'fast'; valid choices: auto, products, jacobian"
-    ):
-        matrix_free_eigenpairs(apply_fn, params, x, 2, implementation="fast")
+    for old_name in ("fast", "products"):  # "products" was the old operator's name
+        with pytest.raises(
+            ValueError,
+            match=f"unknown implementation '{old_name}'; valid choices: auto, jacobian, "
+            "structured, ntk_vector_products",
+        ):
+            matrix_free_eigenpairs(apply_fn, params, x, 2, implementation=old_name)
     with pytest.raises(ValueError, match="oversampling must be a non-negative integer, got -1"):
         matrix_free_eigenpairs(apply_fn, params, x, 2, oversampling=-1)
     with pytest.raises(ValueError, match="num_iterations must be a positive integer, got 0"):
@@ -448,10 +443,6 @@ def test_matrix_free_bad_arguments(networks):
         matrix_free_eigenpairs(apply_fn, params, x, 2, tol=0.0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         matrix_free_eigenpairs(apply_fn, params, x, 2, batch_size=0)
-    model = build_model("mlp", widths=(4,), num_outputs=3)
-    variables = init_variables(model, jax.random.PRNGKey(0), shape)
-    with pytest.raises(ValueError, match=r"scalar-output .* got output shape \(1, 3\)"):
-        matrix_free_eigenpairs(inference_apply_fn(model, variables), variables["params"], x, 2)
 
 
 def test_non_finite_examples_are_named(problems, float64):
@@ -478,3 +469,38 @@ def test_nystrom_bad_arguments(networks):
     # All examples equal: K_mm has rank 1, too low for 2 eigenpairs.
     with pytest.raises(ValueError, match="numerical rank 1 < num_eigvecs=2"):
         nystrom_eigenpairs(apply_fn, params, x + 1.0, 2, num_landmarks=5)
+    with pytest.raises(ValueError, match="unknown implementation 'products'; valid choices"):
+        nystrom_eigenpairs(apply_fn, params, x, 2, num_landmarks=5, implementation="products")
+
+
+FOUR_DEVICES = """
+from test_eigen import NETWORKS, build_model, inference_apply_fn, init_variables
+from ntklab.eigen import matrix_free_eigenpairs
+from ntklab.ntk import empirical_ntk
+_, kwargs, shape = NETWORKS["mlp"]
+model = build_model("mlp", activation="gelu", **kwargs)
+variables = init_variables(model, jax.random.PRNGKey(0), shape)
+apply_fn = inference_apply_fn(model, variables)
+params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+x = np.random.default_rng(6).standard_normal((30, *shape))  # blocks of 8: 4 rows padded
+values, vectors = np.linalg.eigh(empirical_ntk(apply_fn, params, x, devices=jax.devices()[:1]))
+for implementation in ("structured", "ntk_vector_products"):
+    pairs = {
+        count: matrix_free_eigenpairs(
+            apply_fn, params, x, 4, batch_size=8, oversampling=4, implementation=implementation,
+            devices=jax.devices()[:count],
+        )
+        for count in (1, 4)
+    }
+    one, four = pairs[1], pairs[4]
+    np.testing.assert_allclose(four.values, one.values, rtol=1e-12)
+    np.testing.assert_allclose(four.values, values[::-1][:4], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(four.vectors.T @ one.vectors), np.eye(4), atol=1e-8)
+    np.testing.assert_allclose(four.vectors, one.vectors, atol=1e-8)  # same signs
+    assert four.max_residual < 1e-9 and one.max_residual < 1e-9
+print("SHARDED-OK")
+"""
+
+
+def test_matrix_free_on_four_devices_equals_one_device(tmp_path):
+    run_on_four_devices(FOUR_DEVICES, tmp_path)

@@ -61,6 +61,21 @@ def test_products_equal_the_dense_kernel(output, implementation, float64):
     assert operator.num_products == 4 and operator.num_passes == 6 and operator.seconds > 0
 
 
+def test_width_is_capped_by_the_budget(float64):
+    apply_fn, params, shape = model()
+    x = np.random.default_rng(6).standard_normal((5, *shape))
+    expected = dense_operators(apply_fn, params, x)["trace"]
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    per_vector = NUM_OUTPUTS * num_params * 8  # W [C·b, P] in float64
+    operator = KernelOperator(
+        apply_fn, params, x, implementation="jacobian", width=10, memory_bytes=8 * per_vector
+    )
+    assert operator.width == 4  # half the budget holds 4 vectors' accumulators
+    vectors = np.random.default_rng(7).standard_normal((5, 5))
+    np.testing.assert_allclose(operator.matmat(vectors), expected @ vectors, rtol=1e-10)
+    assert operator.num_passes == 4  # 4 vectors, then 1 padded to 4
+
+
 @pytest.mark.slow
 def test_structured_operator_on_a_cnn_under_a_tiny_budget(float64):
     apply_fn, params, shape = model("lenet")
@@ -88,16 +103,30 @@ def test_bad_arguments_are_rejected():
         operator.matmat(np.zeros((4, 2)))
 
 
-SHARDED_SCRIPT = """
+FOUR_DEVICE_PREAMBLE = """
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_prng_impl", "rbg")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 sys.path.insert(0, {tests!r})
+assert len(jax.devices()) == 4, jax.devices()
+"""
+
+
+def run_on_four_devices(body: str, tmp_path: Path) -> None:
+    """Runs ``body`` in a fresh Python with 4 forced CPU devices and float64 (the device count is
+    fixed when JAX starts); ``body`` can import the test modules and must print SHARDED-OK."""
+    script = tmp_path / "four_devices.py"
+    script.write_text(FOUR_DEVICE_PREAMBLE.format(tests=str(Path(__file__).parent)) + body)
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+
+
+SHARDED_SCRIPT = """
 from test_ntk_operator import model, dense_operators
 from ntklab.ntk import KernelOperator
-assert len(jax.devices()) == 4, jax.devices()
 apply_fn, params, shape = model()
 x = np.random.default_rng(4).standard_normal((9, *shape))
 dense = dense_operators(apply_fn, params, x)
@@ -115,7 +144,4 @@ print("SHARDED-OK")
 
 
 def test_four_devices_give_the_dense_product(tmp_path):
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_SCRIPT.format(tests=str(Path(__file__).parent)))
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+    run_on_four_devices(SHARDED_SCRIPT, tmp_path)

@@ -48,6 +48,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from ntklab.eigen import top_eigenpairs
+from ntklab.ntk import _block_slices
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
 
@@ -169,11 +170,10 @@ def mixed_gram(
     batch_size = min(batch_size, dim)
     apply_fn = apply_fn if isinstance(apply_fn, Partial) else Partial(apply_fn)
     gram = np.empty((dim, dim), np.float64)
-    bar = progress_bar(
-        total=-(-dim // batch_size), desc="AᵀA blocks", unit="block", enabled=progress
-    )
-    for start in range(0, dim, batch_size):
-        stop = min(start + batch_size, dim)
+    blocks = _block_slices(dim, batch_size)  # the engine's blocking; the last block is padded
+    bar = progress_bar(total=len(blocks), desc="AᵀA blocks", unit="block", enabled=progress)
+    for block in blocks:
+        start, stop = block.start, block.stop
         rows = np.asarray(_gram_rows(apply_fn, params, x, start, size=batch_size))
         rows = rows[: stop - start]
         if not np.all(np.isfinite(rows)):

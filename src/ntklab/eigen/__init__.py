@@ -6,7 +6,7 @@ Dimensions: N examples, P parameters, k eigenpairs, b vectors in a block, m Nyst
     pairs.values, pairs.vectors                       # [k] descending, [N, k] orthonormal
     pairs.residuals, pairs.gaps                       # [k]: ‖Kv − λv‖/λ_1, relative gaps
     pairs.iterations, pairs.passes, pairs.max_residual
-    pairs = matrix_free_eigenpairs(apply_fn, params, x, 10)          # x [N, H, W, C]; no K, no J
+    pairs = matrix_free_eigenpairs(apply_fn, params, x, 10)          # x [N, H, W, C]; no K [N, N]
     pairs = nystrom_eigenpairs(apply_fn, params, x, 10, num_landmarks=500)   # K [N, m] only
 
 How the stored-kernel solver is chosen (``solver="auto"``, :func:`choose_solver`): LAPACK's
@@ -22,11 +22,13 @@ iteration in GEMMs, against LAPACK's O(N³) tridiagonal reduction, which is memo
 the time; the measured crossover on the project machine is in BENCHMARKS.md ("Eigensolvers at
 scale"). ARPACK Lanczos (``"lanczos"``) remains for small k.
 
-``matrix_free_eigenpairs`` never forms K [N, N] or the Jacobian J [N, P]: it applies
-K·V = J (Jᵀ V) to blocks V [N, b] with one VJP and one JVP pass over the data inside a block
-Krylov, LOBPCG, Lanczos or subspace solver. ``nystrom_eigenpairs`` eigendecomposes the Nyström
-approximation K_nm K_mm⁺ K_nmᵀ built from m landmark columns of K and reports its residuals
-against the true kernel.
+``matrix_free_eigenpairs`` never forms K [N, N]: it applies K·V = J (Jᵀ V) to blocks V [N, b]
+through the engine's operator :class:`ntklab.ntk.KernelOperator` (two passes over the data per
+product, sharded over the devices, with the engine's implementations
+``ntklab.ntk.OPERATOR_IMPLEMENTATIONS``) inside a block Krylov, LOBPCG, Lanczos or subspace
+solver. ``nystrom_eigenpairs`` eigendecomposes the Nyström approximation K_nm K_mm⁺ K_nmᵀ built
+from m landmark columns of K (from the same operator) and reports its residuals against the true
+kernel.
 
 Every result carries each pair's residual ‖K v_j − λ_j v_j‖ / λ_1 against the true kernel and its
 relative gap min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1: a pair whose gap is below its residual is

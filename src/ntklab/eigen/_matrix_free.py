@@ -1,20 +1,25 @@
 """Top-k eigenpairs of the eNTK without a stored kernel: matrix-free products or Nyström.
 
-Dimensions: N examples, P parameters, k eigenpairs, b vectors in a block, m Nyström landmarks.
+Dimensions: N examples, P parameters, C outputs, k eigenpairs, b vectors in a block, m Nyström
+landmarks.
 
-    pairs = matrix_free_eigenpairs(apply_fn, params, x, 10)          # x [N, H, W, C]; no K, no J
+    pairs = matrix_free_eigenpairs(apply_fn, params, x, 10)          # x [N, H, W, C]; no K [N, N]
     pairs = nystrom_eigenpairs(apply_fn, params, x, 10, num_landmarks=500)   # K [N, m] only
+
+Both see the kernel (the trace kernel Σ_c for C > 1 outputs) only through the engine's
+matrix-free operator :class:`ntklab.ntk.KernelOperator` (sharded over the devices, Dense layers
+factored where proven exact), whose implementations are ``ntklab.ntk.OPERATOR_IMPLEMENTATIONS``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import numpy as np
 
-from ntklab._kernel_operator import IMPLEMENTATIONS, NtkOperator
 from ntklab.eigen._iterative import METHODS
 from ntklab.eigen._pairs import (
     Eigenpairs,
@@ -23,7 +28,7 @@ from ntklab.eigen._pairs import (
     residuals_from_products,
     sign_flips,
 )
-from ntklab.ntk import empirical_ntk
+from ntklab.ntk import OPERATOR_IMPLEMENTATIONS, Implementation, KernelOperator, empirical_ntk
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
 
@@ -31,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 
 Method = Literal["block_krylov", "lobpcg", "lanczos", "subspace"]
-Implementation = Literal["auto", "products", "jacobian"]
 
 
 def matrix_free_eigenpairs(
@@ -47,33 +51,34 @@ def matrix_free_eigenpairs(
     num_iterations: int = 100,
     tol: float | None = None,
     seed: int = 0,
+    memory_bytes: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
     progress: bool = False,
 ) -> Eigenpairs:
-    """Top eigenpairs of the empirical NTK K = J Jᵀ without forming K [N, N] or J [N, P].
+    """Top eigenpairs of the empirical NTK K = J Jᵀ [N, N] without forming K.
 
-    Every access to K is a product K·V = J (Jᵀ V) with a block V [N, b]: one pass over the data
-    accumulating Jᵀ V [b, P], then one pass giving J (Jᵀ V) [N, b]. Memory is O(b·P) plus one data
-    block's working set (``"products"``: activations and their b tangents, about b·B activations;
-    ``"jacobian"``: the block's Jacobian [B, P]), never N·P or N².
+    Every access to K is a product K·V = J (Jᵀ V) with a block V [N, b] by
+    :class:`ntklab.ntk.KernelOperator`: one pass over the data accumulating Jᵀ V, one giving
+    J (Jᵀ V) [N, b]. The blocks' Jacobian features stay on the devices between products when they
+    fit half the memory budget (each product is then two matrix products); otherwise they are
+    recomputed in every pass, or replaced by VJPs and JVPs (``"ntk_vector_products"``).
 
     Args:
-      apply_fn: ``apply_fn(params, x[B, ...]) -> [B, 1]`` with any BatchNorm in inference mode.
-        Reusing the same function object across calls reuses the compiled blocks.
+      apply_fn: ``apply_fn(params, x[B, ...]) -> [B, C]`` with any BatchNorm in inference mode;
+        for C > 1 the kernel is the trace kernel Σ_c ∇f_c·∇f_c.
       params: the parameters θ (a pytree, P scalars in all); their dtype sets the passes' dtype.
       x: inputs [N, ...].
       num_eigvecs: number of eigenpairs k, 1 <= k <= N (k < N - 1 for ``"lanczos"``).
-      batch_size: examples per block B of a pass.
+      batch_size: examples per data block B (rounded up to a multiple of the device count).
       method: ``"block_krylov"`` (randomized block Krylov with Rayleigh–Ritz and thick restarts,
         blocks of b = k + oversampling vectors; Musco & Musco 2015), ``"lobpcg"``
-        (``scipy.sparse.linalg.lobpcg`` with blocks of b vectors, started from one power step), or
-        ``"lanczos"`` (ARPACK ``eigsh``; one vector per product, so b = 1 and many more passes).
-      implementation: how a pass is computed: ``"products"`` (vmapped VJP / JVP of each data
-        block, about b backward plus b forward-mode passes per example and product),
-        ``"jacobian"`` (each data block's per-example Jacobian [B, P] and two matrix products,
-        about two backward passes per example whatever b is; B shrinks so that the Jacobian fits
-        an eighth of the GPU memory or a 32nd of host RAM),
-        or ``"auto"`` (products for b <= 3, Jacobians beyond; on CPU the Jacobian route is about
-        6× faster for LeNet at b = 30).
+        (``scipy.sparse.linalg.lobpcg`` with blocks of b vectors, started from one power step),
+        ``"lanczos"`` (ARPACK ``eigsh``; one vector per product, so b = 1 and many more passes)
+        or ``"subspace"`` (blocked subspace iteration).
+      implementation: the operator's, one of ``ntklab.ntk.OPERATOR_IMPLEMENTATIONS``:
+        ``"jacobian"``, ``"structured"`` (Dense layers proven exact factored),
+        ``"ntk_vector_products"`` (vmapped VJP / JVP per block, no Jacobian stored) or ``"auto"``
+        (features when they fit the budget or b exceeds a few vectors, else VJP / JVP products).
       oversampling: extra vectors in a block beyond k (block methods); more speeds convergence
         when eigenvalues near λ_k cluster.
       num_iterations: most block products (``"block_krylov"``: including the first;
@@ -82,6 +87,8 @@ def matrix_free_eigenpairs(
         ARPACK's relative tolerance ‖r_j‖ <= tol·λ_j). None picks max(1e-10, 100·eps) of the
         parameters' dtype: 1.2e-5 in float32, 1e-10 in float64.
       seed: seeds the random starting block.
+      memory_bytes: per-device budget of the operator; None as in :func:`ntklab.ntk.empirical_ntk`.
+      devices: devices to shard the data blocks over; None: all of ``jax.devices()``.
       progress: show a progress bar over block products (block methods; block Krylov also shows
         the current residual).
 
@@ -92,13 +99,10 @@ def matrix_free_eigenpairs(
       ``num_iterations`` first logs a warning; ``max_residual`` then says how far it got.
 
     Raises:
-      ValueError: an unknown method, k outside its range, or a bad option value.
+      ValueError: an unknown method or implementation (naming the valid choices), k outside its
+        range, or a bad option value.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown implementation {implementation!r}; valid choices: "
-            f"{', '.join(IMPLEMENTATIONS)}"
-        )
+    _check_implementation(implementation)
     if method not in METHODS:
         raise ValueError(
             f"unknown matrix-free method {method!r}; valid choices: {', '.join(METHODS)}"
@@ -116,24 +120,18 @@ def matrix_free_eigenpairs(
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     block = min(n, num_eigvecs + oversampling)
+    options = {"implementation": implementation, "batch_size": batch_size,
+               "memory_bytes": memory_bytes, "devices": devices}  # fmt: skip
     width = 1 if method == "lanczos" else block
-    operator = NtkOperator(
-        apply_fn, params, x, batch_size=batch_size, width=width, implementation=implementation
-    )
+    operator = KernelOperator(apply_fn, params, x, width=width, **options)
     if tol is None:
         tol = max(1e-10, 100 * float(np.finfo(operator.dtype).eps))
     logger.info(
-        "matrix-free eigenpairs (%s, %s passes): N=%d, P=%d, k=%d, block of %d vectors, "
+        "matrix-free eigenpairs (%s, %s): N=%d, P=%d, k=%d, blocks of %d vectors in passes of %d, "
         "%d-example data blocks, tol=%.1e",
-        method,
-        operator.implementation,
-        n,
-        operator.num_params,
-        num_eigvecs,
-        operator.width,
-        operator.batch_size,
-        tol,
-    )
+        method, operator.implementation, n, operator.num_params, num_eigvecs, block,
+        operator.width, operator.batch_size, tol,
+    )  # fmt: skip
     bar = progress_bar(
         total=num_iterations,
         desc=f"matrix-free eigenpairs ({method})",
@@ -158,25 +156,15 @@ def matrix_free_eigenpairs(
     order = np.argsort(result.values)[::-1]
     values, vectors = np.asarray(result.values, np.float64)[order], result.vectors[:, order]
     vectors = vectors * sign_flips(vectors)
-    passes = operator.num_passes
     logger.info(
         "matrix-free eigenpairs (%s): %d vector products in %d passes over the data, %.2f s",
-        method,
-        operator.num_products,
-        operator.num_passes,
-        operator.seconds,
-    )
-    if operator.width < num_eigvecs:  # Lanczos: one pass pair for all k vectors, not k of them
-        operator = NtkOperator(
-            apply_fn,
-            params,
-            x,
-            batch_size=batch_size,
-            width=num_eigvecs,
-            implementation=implementation,
-        )
-    residuals = _operator_residuals(operator.matmat, values, vectors)
-    passes += 2
+        method, operator.num_products, operator.num_passes, operator.seconds,
+    )  # fmt: skip
+    checker = operator
+    if method == "lanczos" and not operator.cached:  # one pass pair for k vectors, not k pairs
+        checker = KernelOperator(apply_fn, params, x, width=num_eigvecs, **options)
+    residuals = _operator_residuals(checker.matmat, values, vectors)
+    passes = operator.num_passes + (checker.num_passes if checker is not operator else 0)
     logger.info("matrix-free eigenpairs (%s): max relative residual %.2e", method, residuals.max())
     return Eigenpairs(
         values=values,
@@ -198,23 +186,34 @@ def nystrom_eigenpairs(
     num_landmarks: int,
     seed: int = 0,
     batch_size: int = 256,
+    implementation: Implementation = "auto",
+    memory_bytes: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Eigenpairs:
     """Top eigenpairs of the Nyström approximation K̃ = K_nm K_mm⁺ K_nmᵀ of the empirical NTK.
 
     The m landmarks are the first m of a seeded permutation of the examples (so the landmark sets
     of one seed are nested: more landmarks never make the approximation worse). Only the kernel
-    columns K_nm [N, m] are computed, with :func:`ntklab.ntk.empirical_ntk`; K_mm = K_nm[landmarks].
-    With K_mm = U Λ Uᵀ, eigenvalues below m·eps·λ_max are dropped and K̃ = F Fᵀ with
-    F = K_nm U Λ^{-1/2} [N, r]; a thin SVD of F gives the eigenpairs, all in float64.
+    columns K_nm [N, m] are computed, and K_mm = K_nm[landmarks]. They come from the same
+    :class:`ntklab.ntk.KernelOperator` as the residual check: as K·E for the landmarks' unit
+    vectors E [N, m] when the operator keeps its features on the devices (one feature pass serves
+    columns and residuals), else from :func:`ntklab.ntk.empirical_ntk` on (x, x[landmarks]) (one
+    pass over N + m examples). With K_mm = U Λ Uᵀ, eigenvalues below m·eps·λ_max are dropped and
+    K̃ = F Fᵀ with F = K_nm U Λ^{-1/2} [N, r]; a thin SVD of F gives the eigenpairs, in float64.
 
     Args:
-      apply_fn: ``apply_fn(params, x[B, ...]) -> [B, 1]`` with any BatchNorm in inference mode.
+      apply_fn: ``apply_fn(params, x[B, ...]) -> [B, C]`` with any BatchNorm in inference mode
+        (C > 1: the trace kernel).
       params: the parameters θ (a pytree).
       x: inputs [N, ...].
       num_eigvecs: number of eigenpairs k, 1 <= k <= num_landmarks.
       num_landmarks: landmark count m, k <= m <= N; m = N gives the exact eigenpairs.
       seed: seeds the landmark permutation.
-      batch_size: examples per block, for the kernel columns and the residual's product.
+      batch_size: examples per data block, for the kernel columns and the residual's product.
+      implementation: one of ``ntklab.ntk.OPERATOR_IMPLEMENTATIONS`` (see
+        :func:`matrix_free_eigenpairs`).
+      memory_bytes: per-device budget; None as in :func:`ntklab.ntk.empirical_ntk`.
+      devices: devices to shard the data blocks over; None: all of ``jax.devices()``.
 
     Returns:
       ``Eigenpairs`` of K̃ (values [k] descending, vectors [N, k] float64, ``solver="nystrom"``);
@@ -222,8 +221,10 @@ def nystrom_eigenpairs(
       says how good the approximation is.
 
     Raises:
-      ValueError: k or m out of range, or K_mm of numerical rank below k.
+      ValueError: k or m out of range, an unknown implementation, or K_mm of numerical rank
+        below k.
     """
+    _check_implementation(implementation)
     n = len(x)
     _check_num_eigvecs(num_eigvecs, n)
     if (
@@ -235,20 +236,26 @@ def nystrom_eigenpairs(
             f"num_landmarks={num_landmarks!r} must be an integer between num_eigvecs={num_eigvecs} "
             f"and N={n} (number of samples)"
         )
-    operator = NtkOperator(apply_fn, params, x, batch_size=batch_size, width=num_eigvecs)
+    options = {"implementation": implementation, "batch_size": batch_size,
+               "memory_bytes": memory_bytes, "devices": devices}  # fmt: skip
+    operator = KernelOperator(apply_fn, params, x, **options)
     landmarks = np.sort(np.random.default_rng(seed).permutation(n)[:num_landmarks])
-    columns = empirical_ntk(apply_fn, params, x, x[landmarks], batch_size=batch_size)
+    if operator.cached:
+        selector = np.zeros((n, num_landmarks), operator.dtype)
+        selector[landmarks, np.arange(num_landmarks)] = 1.0
+        columns = operator.matmat(selector)
+    else:
+        columns = empirical_ntk(apply_fn, params, x, x[landmarks], **options)
     values, vectors, next_value = _nystrom_top(columns, landmarks, num_eigvecs)
     vectors = vectors * sign_flips(vectors)
     residuals = _operator_residuals(operator.matmat, values, vectors)
+    passes = operator.num_passes + (0 if operator.cached else 1)  # + empirical_ntk's one pass
     logger.info(
-        "Nyström eigenpairs: N=%d, m=%d landmarks, k=%d; max relative residual against the true "
-        "kernel %.2e",
-        n,
-        num_landmarks,
-        num_eigvecs,
-        residuals.max(),
-    )
+        "Nyström eigenpairs: N=%d, m=%d landmarks, k=%d (columns %s); max relative residual "
+        "against the true kernel %.2e",
+        n, num_landmarks, num_eigvecs,
+        "K·E from cached features" if operator.cached else "by empirical_ntk", residuals.max(),
+    )  # fmt: skip
     return Eigenpairs(
         values=values,
         vectors=vectors,
@@ -256,8 +263,16 @@ def nystrom_eigenpairs(
         residuals=residuals,
         gaps=relative_gaps(values, next_value),
         iterations=0,
-        passes=3,  # the kernel columns, then one product (two passes) for the residuals
+        passes=passes,
     )
+
+
+def _check_implementation(implementation: str) -> None:
+    if implementation not in OPERATOR_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r}; valid choices: "
+            f"{', '.join(OPERATOR_IMPLEMENTATIONS)}"
+        )
 
 
 def _check_num_eigvecs(num_eigvecs: int, n: int) -> None:

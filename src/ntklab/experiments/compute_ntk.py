@@ -237,7 +237,8 @@ def _kernel_and_eigenpairs(
     On processes other than 0, a formed kernel's (None, None): process 0 eigendecomposes it.
     """
     ntk = cfg.ntk
-    options = {"batch_size": ntk.batch_size, "seed": cfg.seed}
+    options = {"batch_size": ntk.batch_size, "seed": cfg.seed,
+               "implementation": ntk.implementation, "memory_bytes": ntk.memory_bytes}  # fmt: skip
     if ntk.solver in MATRIX_FREE_SOLVERS:
         timings["kernel_s"] = 0.0
         tic = time.perf_counter()

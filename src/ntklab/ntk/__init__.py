@@ -32,6 +32,7 @@ from ntklab.ntk._api import (
     empirical_ntk,
 )
 from ntklab.ntk._operator import OPERATOR_IMPLEMENTATIONS, KernelOperator, kernel_operator
+from ntklab.ntk._schedule import _block_slices as _block_slices  # private; NADs share it
 from ntklab.ntk._store import KernelInUseError
 
 __all__ = [

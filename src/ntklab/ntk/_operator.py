@@ -114,7 +114,9 @@ class KernelOperator:
             jacobian when nothing is factorable) when the features fit the budget or the width
             exceeds ``PRODUCTS_MAX_WIDTH``, else products.
           batch_size: examples per block B (rounded up to a multiple of the device count).
-          width: vectors per pass; None: as many as half the budget holds for W [m, P].
+          width: vectors per pass, capped by what half the budget holds for W [m, P]: the one
+            compiled width (narrower requests are padded with zero columns, wider ones split
+            into passes). None: that cap, with narrower requests padded to a power of two.
           memory_bytes: per-device budget; None as in :func:`ntklab.ntk.empirical_ntk`.
           devices: devices to shard the blocks over; None: all of ``jax.devices()``.
 
@@ -143,7 +145,9 @@ class KernelOperator:
         budget = memory_bytes or _schedule.default_memory_bytes(problem.devices[0])
         c, itemsize = self.num_outputs, self.dtype.itemsize
         per_vector = (1 if output == "full" else c) * self.num_params * itemsize
-        self.width = width or max(1, (budget // 2) // max(per_vector, 1))
+        fitting = max(1, (budget // 2) // max(per_vector, 1))
+        self.width = min(width, fitting) if width is not None else fitting
+        self._fixed_width = width is not None
         layout = {"batch_size": batch_size, "memory_bytes": budget // 2, "param_chunk_size": None}
         dense = ()
         if implementation in ("auto", "structured"):
@@ -210,8 +214,14 @@ class KernelOperator:
         for first in range(0, vectors.shape[1], self.width):
             chunk = vectors[:, first : first + self.width]
             used = chunk.shape[1]
-            if used < self.width and vectors.shape[1] > self.width:  # one compiled width
-                chunk = np.pad(chunk, [(0, 0), (0, self.width - used)])
+            # Zero columns pad a chunk to a compiled width: the requested pass width, or without
+            # one the next power of two (at most the budget's width), so that solvers whose
+            # blocks shrink (LOBPCG, locking) compile one or a few widths, not every one.
+            target = min(self.width, 1 << (used - 1).bit_length())
+            if self._fixed_width or vectors.shape[1] > self.width:
+                target = self.width
+            if used < target:
+                chunk = np.pad(chunk, [(0, 0), (0, target - used)])
             result[:, first : first + used] = self._product(chunk)[:, :used]
         self.num_products += vectors.shape[1]
         self.seconds += time.perf_counter() - start
@@ -265,11 +275,8 @@ class KernelOperator:
                     if totals[g] is None
                     else jax.tree.map(jnp.add, totals[g], pull[g](data, cot))
                 )
-        for g in groups:
-            if not all(bool(jnp.all(jnp.isfinite(t))) for t in jax.tree.leaves(totals[g])):
-                raise ValueError(
-                    "Jᵀ V is non-finite; check the model parameters, inputs and vectors"
-                )
+        if not all(_finite(totals[g]) for g in groups):
+            self._raise_non_finite(v, pull, groups)
         out = np.empty((self.shape[0], b), np.float64)
         c = 1 if self.output == "trace" else self.num_outputs
         for index, rows in enumerate(slices):
@@ -286,6 +293,19 @@ class KernelOperator:
             out[rows.start * c : rows.stop * c] = values
         self.num_passes += 2
         return out
+
+    def _raise_non_finite(self, v: np.ndarray, pull: list, groups: range) -> None:
+        """Names the first block of examples whose Jᵀ V contribution is non-finite."""
+        plan = self._plan
+        for index, rows in enumerate(plan.row_slices):
+            cot = self._put_rows(self._cotangents(v, rows, plan.block))
+            for g in groups:
+                if not _finite(pull[g](self._block_input(index, rows, g), cot)):
+                    raise ValueError(
+                        f"Jᵀ V is non-finite for examples {rows.start}:{rows.stop}; check the "
+                        "model parameters, those inputs and the vectors"
+                    )
+        raise ValueError("Jᵀ V is non-finite; check the model parameters, inputs and vectors")
 
     def _put_rows(self, cot: np.ndarray) -> jax.Array:
         sharding = jax.sharding.NamedSharding(self._problem.mesh, Spec(None, AXIS))
@@ -304,6 +324,11 @@ class KernelOperator:
         if self.cached:
             self._feature_cache[key] = feats
         return feats
+
+
+def _finite(tree: Any) -> bool:
+    """Whether every entry of every array in ``tree`` is finite."""
+    return all(bool(jnp.all(jnp.isfinite(t))) for t in jax.tree.leaves(tree))
 
 
 def _feature_fns(plan: _schedule.Plan) -> tuple[list, list]:
