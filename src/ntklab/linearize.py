@@ -15,6 +15,7 @@ the trainer, the eNTK engine and the alignment take it exactly like the network.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from ntklab.types import ApplyFn, PyTree
@@ -56,7 +57,15 @@ def _taylor_terms(
 ) -> tuple[jax.Array, jax.Array]:
     """``(f(θ0, x), J(θ0, x)(θ − θ0))``, each [B, K], from one ``jax.jvp``."""
     delta = jax.tree.map(lambda p, p0: p - p0, params, params0)
-    return jax.jvp(lambda theta: apply_fn(theta, x), (params0,), (delta,))
+    # θ0 takes θ's varying type (inside ``shard_map``, where the eNTK engine marks θ as varying
+    # over the batch axis): jax.jvp needs primals as varying as their tangents. The added zeros
+    # carry no derivative, so the value and every derivative are unchanged.
+    primals = jax.tree.map(
+        lambda p0, p: p0 + jax.lax.stop_gradient(jnp.zeros_like(p, dtype=p0.dtype)),
+        params0,
+        params,
+    )
+    return jax.jvp(lambda theta: apply_fn(theta, x), (primals,), (delta,))
 
 
 def _linear_with_bias(

@@ -13,6 +13,7 @@ step that turns a leaf group into per-example Jacobians is :func:`leaf_jacobians
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,9 +21,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as Spec
 
+from ntklab.ntk._layerwise import LayerwisePlan, layerwise_parts
 from ntklab.ntk._structure import DenseLayer
 from ntklab.types import ApplyFn
 
@@ -133,11 +136,29 @@ def block_features(
     projection_dim: int | None,
     projection: str,
     dense: tuple[DenseLayer, ...] = (),
+    layerwise: LayerwisePlan | None = None,
 ) -> Features:
-    """Features of one device's examples x [B, ...] (traced inside ``shard_map``)."""
-    if dense:
+    """Features of one device's examples x [B, ...] (traced inside ``shard_map``).
+
+    With a ``layerwise`` plan the per-example Jacobians (and the factored Dense layers' inputs
+    and sensitivities) come from one backward pass to the layer outputs (``_layerwise``);
+    without, from ``vmap(jacrev)``. Both are exact for any model.
+    """
+    if layerwise is not None:
+        pieces, factors = layerwise_parts(
+            apply_fn, treedef, leaves, group, x, num_outputs, plan=layerwise, axis_name=AXIS,
+            factored=tuple(layer.path for layer in dense),
+        )  # fmt: skip
+        if dense:
+            return Features(
+                leaves=pieces,
+                inputs=tuple(a for a, _ in factors),
+                sensitivities=tuple(d for _, d in factors),
+            )
+    elif dense:
         return structured_features(apply_fn, treedef, leaves, group, dense, x, num_outputs)
-    pieces = leaf_jacobians(apply_fn, treedef, leaves, group, x, num_outputs)
+    else:
+        pieces = leaf_jacobians(apply_fn, treedef, leaves, group, x, num_outputs)
     if projection_dim is None:
         return Features(leaves=pieces)
     projected = [
@@ -156,13 +177,14 @@ def features_fn(
     projection: str,
     mesh: Mesh,
     dense: tuple[DenseLayer, ...] = (),
+    layerwise: LayerwisePlan | None = None,
 ) -> Callable[[list[jax.Array], jax.Array, jax.Array], Features]:
     """``fn(leaves, keys, x[B, ...]) -> Features``, jitted and sharded over the batch."""
 
     def per_device(leaves: list[jax.Array], keys: jax.Array, x: jax.Array) -> Features:
         return block_features(
             apply_fn, treedef, leaves, keys, x, group, num_outputs, projection_dim, projection,
-            dense,
+            dense, layerwise,
         )  # fmt: skip
 
     specs = (Spec(), Spec(), Spec(AXIS))
@@ -235,14 +257,55 @@ def contract_block(
 
 
 def contract_fn(output: str, precision: str, mesh: Mesh, biases: tuple[bool, ...] = ()) -> Callable:
-    """``fn(rows: Features sharded, cols: Features replicated)`` -> kernel block, jitted."""
+    """``fn(rows: Features sharded, cols: Features replicated)`` -> kernel block, jitted (or by
+    the host's BLAS where :func:`host_contraction` applies)."""
     platform = mesh.devices.flat[0].platform
+    if host_contraction(output, precision, mesh):
+        return functools.partial(_host_contract, output=output, biases=biases)
 
     def per_device(rows: Features, cols: Features) -> jax.Array:
         return contract_block(rows, cols, output, precision, platform, biases)
 
     specs = (Spec(AXIS), Spec())
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=Spec(AXIS)))
+
+
+def host_contraction(output: str, precision: str, mesh: Mesh) -> bool:
+    """Whether blocks are contracted by NumPy's BLAS on the host instead of XLA: one CPU device,
+    full-precision ``trace`` or ``full`` output. XLA:CPU's dot runs [B, P] x [P, B] at about half
+    of OpenBLAS's rate (77 vs 149 GFLOP/s on 2 cores, BENCHMARKS.md), and a CPU device's arrays
+    are host memory, so the features are read in place (no copy)."""
+    single_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    return single_cpu and precision == "float32" and output in ("trace", "full")
+
+
+def _host_leaf(rows: np.ndarray, cols: np.ndarray, output: str) -> np.ndarray:
+    """One leaf's block: [B1, C, F] x [B2, C, F] -> [B1, B2] (trace) or [B1, B2, C, C] (full)."""
+    if output == "trace":
+        return rows.reshape(rows.shape[0], -1) @ cols.reshape(cols.shape[0], -1).T
+    (b1, c, f), b2 = rows.shape, cols.shape[0]
+    block = rows.reshape(b1 * c, f) @ cols.reshape(b2 * c, f).T
+    return block.reshape(b1, c, b2, c).transpose(0, 2, 1, 3)
+
+
+def _host_contract(
+    rows: Features, cols: Features, *, output: str, biases: tuple[bool, ...]
+) -> np.ndarray:
+    """:func:`contract_block` with NumPy on one CPU device (same sums, float accumulation in the
+    features' dtype); the features are zero-copy views of the device buffers."""
+    total = None
+    for r, c in zip(rows.leaves, cols.leaves, strict=True):
+        block = _host_leaf(np.asarray(r), np.asarray(c), output)
+        total = block if total is None else np.add(total, block, out=total)
+    pairs = zip(
+        rows.inputs, cols.inputs, rows.sensitivities, cols.sensitivities, biases, strict=True
+    )
+    for a_rows, a_cols, d_rows, d_cols, bias in pairs:
+        inputs = np.asarray(a_rows) @ np.asarray(a_cols).T + (1.0 if bias else 0.0)
+        sens = _host_leaf(np.asarray(d_rows), np.asarray(d_cols), output)
+        block = inputs.reshape(inputs.shape + (1,) * (sens.ndim - 2)) * sens
+        total = block if total is None else np.add(total, block, out=total)
+    return total
 
 
 def products_fn(apply_fn: ApplyFn, treedef: Any, num_outputs: int, mesh: Mesh) -> Callable:

@@ -602,7 +602,28 @@ def layerwise_features(
     plan: LayerwisePlan,
     axis_name: str | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Per-example Jacobians of the outputs wrt the leaves ``group``: one [B, C, P_leaf] each.
+    """Per-example Jacobians of the outputs wrt the leaves ``group``: one [B, C, P_leaf] each
+    (see :func:`layerwise_parts`, of which this is the part without factored layers)."""
+    jacobians, _ = layerwise_parts(
+        apply_fn, treedef, leaves, group, x, num_outputs, plan=plan, axis_name=axis_name
+    )
+    return jacobians
+
+
+def layerwise_parts(
+    apply_fn: ApplyFn,
+    treedef: Any,
+    leaves: list[jax.Array],
+    group: tuple[int, ...],
+    x: jax.Array,
+    num_outputs: int,
+    *,
+    plan: LayerwisePlan,
+    axis_name: str | None = None,
+    factored: tuple[tuple[str, ...], ...] = (),
+) -> tuple[tuple[jax.Array, ...], tuple[tuple[jax.Array, jax.Array], ...]]:
+    """Per-example Jacobians of the outputs wrt the leaves ``group``: one [B, C, P_leaf] each,
+    and per covered layer path in ``factored`` its inputs and sensitivities instead of a Jacobian.
 
     Same contract as ``vmap(jacrev)`` per leaf (jit- and ``shard_map``-compatible): leaves of
     covered layers come from one backward pass to the layer outputs plus per-layer formulas,
@@ -617,16 +638,29 @@ def layerwise_features(
       plan: from :func:`layerwise_plan` for the same model and example shape.
       axis_name: inside ``shard_map``, the batch axis: the replicated leaves are marked
         varying (``jax.lax.pcast``) so derivatives are not summed over devices.
+      factored: paths of covered layers (e.g. Dense layers proven factorable elsewhere) whose
+        per-example inputs and output sensitivities are returned instead of their Jacobians;
+        their leaves must not be in ``group``.
 
     Returns:
-      one [B, C, P_leaf] array per leaf of ``group``.
+      ``(jacobians, factors)``: one [B, C, P_leaf] array per leaf of ``group``, and per path of
+      ``factored`` the pair (inputs [B, d_in], sensitivities [B, C, d_out]) (flattened per
+      example after the batch and output axes).
 
     Raises:
-      RuntimeError: if a planned layer is not met while tracing (the plan is for another model).
+      RuntimeError: if a planned layer is not met while tracing (the plan is for another model),
+        or a path of ``factored`` is not a covered layer.
     """
     group = tuple(group)
     members = set(group)
-    active = [layer for layer in plan.layers if members & set(layer.leaf_indices)]
+    by_factored = {path: k for k, path in enumerate(factored)}
+    if set(by_factored) - {layer.path for layer in plan.layers}:
+        raise RuntimeError("layerwise plan: a factored layer is not a covered layer")
+    active = [
+        layer
+        for layer in plan.layers
+        if members & set(layer.leaf_indices) or layer.path in by_factored
+    ]
     covered = {i for layer in active for i in layer.leaf_indices}
     rest = [i for i in group if i not in covered]
     by_path = {layer.path: k for k, layer in enumerate(active)}
@@ -670,10 +704,17 @@ def layerwise_features(
     features = {
         i: jac.reshape(b, num_outputs, -1) for i, jac in zip(rest, rest_jacobians, strict=True)
     }
+    factors: list = [None] * len(factored)
     for k, layer in enumerate(active):
+        if layer.path in by_factored:
+            factors[by_factored[layer.path]] = (
+                inputs[k].reshape(b, -1),
+                deltas[k].reshape(b, num_outputs, -1),
+            )
+            continue
         params = {name: vary(leaves[i]) for name, i in layer.params}
         grads = _weight_grads(layer, params, others.get(k, {}), inputs[k], deltas[k])
         for name, i in layer.params:
             if i in members:
                 features[i] = grads[name].reshape(b, num_outputs, -1)
-    return tuple(features[i] for i in group)
+    return tuple(features[i] for i in group), tuple(factors)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
 from ntklab.ntk._features import AXIS
+from ntklab.ntk._layerwise import LayerwisePlan, layerwise_plan
 from ntklab.ntk._structure import DenseLayer, find_dense_layers, log_structure
 from ntklab.types import ApplyFn, PyTree
 
@@ -75,6 +76,20 @@ class Problem:
         log_structure(layers, refused)
         return layers
 
+    def layerwise_jacobians(self) -> LayerwisePlan | None:
+        """The layerwise Jacobian plan (``_layerwise``) where it is measured to pay: on a CPU, for
+        a model with at least one covered convolution, whose per-example weight gradients
+        ``vmap(jacrev)`` runs as slow grouped convolutions (ResNet-18: 1.4x faster Jacobians,
+        BENCHMARKS.md). ``None`` elsewhere (GPUs are not measured yet) or if nothing is covered.
+        """
+        if self.devices[0].platform != "cpu" or os.environ.get("NTKLAB_LAYERWISE") == "0":
+            return None
+        example_shape = tuple(self.x1.shape[1:])
+        if not _has_convolution(self.apply_fn, self.treedef, self.leaves, example_shape):
+            return None
+        plan = layerwise_plan(self.apply_fn, self.treedef, list(self.leaves), example_shape)
+        return plan if any(layer.kind == "conv" for layer in plan.layers) else None
+
     def forward_flops(self) -> float:
         """FLOPs of one example's forward pass (XLA's cost analysis; 2·P if unavailable)."""
         avals = tuple((leaf.shape, str(leaf.dtype)) for leaf in self.leaves)
@@ -110,6 +125,43 @@ class Problem:
 
 
 _FORWARD_FLOPS: dict[tuple, float] = {}
+_CONVOLUTIONS: dict[tuple, bool] = {}
+
+
+def _has_convolution(apply_fn: ApplyFn, treedef: Any, leaves: tuple, example_shape: tuple) -> bool:
+    """Whether ``apply_fn``'s jaxpr on one example has a ``conv_general_dilated`` (cached)."""
+    avals = tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+    key = (apply_fn, treedef, avals, example_shape)
+    try:
+        return _CONVOLUTIONS[key]
+    except TypeError:  # an unhashable apply_fn
+        key = None
+    except KeyError:
+        pass
+    params = jax.tree.unflatten(
+        treedef, [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
+    )
+    dtype = jnp.result_type(*leaves)
+    jaxpr = jax.make_jaxpr(apply_fn)(params, jax.ShapeDtypeStruct((1, *example_shape), dtype))
+    found = _jaxpr_has(jaxpr.jaxpr, "conv_general_dilated")
+    if key is not None:
+        if len(_CONVOLUTIONS) > 32:
+            _CONVOLUTIONS.clear()
+        _CONVOLUTIONS[key] = found
+    return found
+
+
+def _jaxpr_has(jaxpr: Any, primitive: str) -> bool:
+    """Whether ``jaxpr`` or any jaxpr nested in its equations' parameters uses ``primitive``."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            return True
+        for value in eqn.params.values():
+            for item in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns") and _jaxpr_has(inner, primitive):
+                    return True
+    return False
 
 
 def default_memory_bytes(device: jax.Device) -> int:
@@ -185,6 +237,7 @@ class Plan:
     param_groups: tuple[tuple[int, ...], ...]  # unfactored leaves, chunked if needed
     dense: tuple[DenseLayer, ...]  # factored layers; their factors travel with group 0
     chunked: bool
+    layerwise: LayerwisePlan | None = None  # per-example Jacobians from layer sensitivities
 
     def units(self) -> list[Unit]:
         """Work units in execution order (row panels, then column blocks left to right)."""
@@ -321,6 +374,25 @@ def choose_plan(
     parameter chunking (once per chunk); structured the same with each factored layer's
     d_in·d_out parameters replaced by d_in + c·d_out; NTK-vector products ``2·pairs·C·f``.
     """
+    plan = _choose_layout(problem, implementation, batch_size, memory_bytes, param_chunk_size)
+    if plan.implementation == "ntk_vector_products":
+        return plan
+    layerwise = problem.layerwise_jacobians()
+    if layerwise is None:
+        return plan
+    if any(layer.path not in {lw.path for lw in layerwise.layers} for layer in plan.dense):
+        return plan  # a factored Dense layer the layerwise plan does not cover
+    logger.info("eNTK: per-example Jacobians layerwise (%d layers)", len(layerwise.layers))
+    return dataclasses.replace(plan, layerwise=layerwise)
+
+
+def _choose_layout(
+    problem: Problem,
+    implementation: str,
+    batch_size: int,
+    memory_bytes: int | None,
+    param_chunk_size: int | None,
+) -> Plan:
     layout = {"batch_size": batch_size, "memory_bytes": memory_bytes,
               "param_chunk_size": param_chunk_size}  # fmt: skip
     if implementation == "structured":

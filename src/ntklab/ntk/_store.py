@@ -409,8 +409,8 @@ class _Coverage:
         return bool(grid.all())
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
+def _to_host(array: jax.Array | np.ndarray) -> np.ndarray:
     """A device array as a NumPy array on every process (gathered across hosts if needed)."""
-    if array.is_fully_addressable:
+    if isinstance(array, np.ndarray) or array.is_fully_addressable:
         return np.asarray(array)
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -49,10 +49,11 @@ def features_fn(plan: Plan, group: int) -> Callable:
     p = plan.problem
     dense = plan.dense if group == 0 else ()
     leaf_group = plan.param_groups[group]
-    key = ("features", *_model_key(p), leaf_group, p.projection_dim, p.projection, dense)
+    key = ("features", *_model_key(p), leaf_group, p.projection_dim, p.projection, dense,
+           plan.layerwise)  # fmt: skip
     return cached(key, lambda: _features.features_fn(
         p.apply_fn, p.treedef, leaf_group, p.num_outputs, p.projection_dim, p.projection,
-        p.mesh, dense,
+        p.mesh, dense, plan.layerwise,
     ))  # fmt: skip
 
 
