@@ -255,6 +255,8 @@ def _index_axis(axes: Any, values: np.ndarray) -> None:
     candidates = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
     top = values.max() if values.size else 1
     ticks = [t for t in candidates if t <= top * 1.05]
+    if top > 1.3 * ticks[-1]:  # label the largest index too (e.g. 9 after 5)
+        ticks.append(int(top))
     axes.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
     axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
     axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
