@@ -87,7 +87,11 @@ class Problem:
         example_shape = tuple(self.x1.shape[1:])
         if not _has_convolution(self.apply_fn, self.treedef, self.leaves, example_shape):
             return None
-        plan = layerwise_plan(self.apply_fn, self.treedef, list(self.leaves), example_shape)
+        try:
+            plan = layerwise_plan(self.apply_fn, self.treedef, list(self.leaves), example_shape)
+        except Exception as error:  # an optimization: any model it cannot plan uses vmap(jacrev)
+            logger.info("eNTK layerwise: not used (%s: %s)", type(error).__name__, error)
+            return None
         conv_leaves = {
             i for layer in plan.layers if layer.kind == "conv" for i in layer.leaf_indices
         }
