@@ -14,8 +14,9 @@ learning rate by that factor: ``max_lr · λ_max(K_init) / λ_max(K_model)``, bo
 training set, the initial network's in the numerator and the trained model's in the denominator.
 
 The eigenvalue comes from subspace ("block power") iteration on
-:class:`ntklab.ntk.KernelOperator`: ``b`` vectors multiplied by K per pass, re-orthonormalized,
-with a Rayleigh-Ritz step on the b × b projection; it stops when the top Ritz pair's relative
+:class:`ntklab.ntk.KernelOperator` (``ntklab.eigen``'s ``subspace_iteration`` with k = 1): ``b``
+vectors multiplied by K per pass, re-orthonormalized, with a Rayleigh-Ritz step on the b × b
+projection; it stops when the top Ritz pair's relative
 residual ‖K u − θ u‖ / θ falls below ``tol`` (then |λ_max − θ| ≤ ‖K u − θ u‖, and in practice far
 less: the error is about residual² / gap) or after ``max_iterations`` passes. K is never formed.
 """
@@ -31,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ntklab.eigen._iterative import subspace_iteration
 from ntklab.ntk import KernelOperator
 from ntklab.train_steps import LR_NORMALIZATIONS
 from ntklab.types import ApplyFn, PyTree
@@ -115,27 +117,29 @@ def ntk_top_eigenvalue(
         devices=devices,
     )
     n = operator.shape[0]
-    b = min(block_size, n)
-    basis, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, b)))  # [N, b]
-    value, residual = math.nan, math.inf
-    for iteration in range(1, max_iterations + 1):
-        product = operator.matmat(basis)  # K Q [N, b]
-        projected = basis.T @ product  # Qᵀ K Q [b, b]
-        ritz_values, ritz_vectors = np.linalg.eigh((projected + projected.T) / 2)
-        value, top = float(ritz_values[-1]), ritz_vectors[:, -1]
-        residual = float(np.linalg.norm(product @ top - value * (basis @ top)))
-        residual = residual / abs(value) if value else math.inf
-        if residual <= tol:
-            return TopEigenvalue(value, residual, iteration, True)
-        basis, _ = np.linalg.qr(product)
+    result = subspace_iteration(
+        operator.matmat,
+        n,
+        1,
+        block=min(block_size, n),
+        num_iterations=max_iterations,
+        tol=tol,
+        rng=np.random.default_rng(seed),
+        report=lambda *_: None,
+    )
+    value = float(result.values[0])
+    residual = float(np.linalg.norm(result.products[:, 0] - value * result.vectors[:, 0]))
+    residual = residual / abs(value) if value else math.inf
+    if residual <= tol:
+        return TopEigenvalue(value, residual, result.iterations, True)
     logger.warning(
         "λ_max not converged after %d iterations: %.6g with relative residual %.2g > tol %.2g",
-        max_iterations,
+        result.iterations,
         value,
         residual,
         tol,
     )
-    return TopEigenvalue(value, residual, max_iterations, False)
+    return TopEigenvalue(value, residual, result.iterations, False)
 
 
 @dataclasses.dataclass(frozen=True)
