@@ -136,7 +136,7 @@ def test_subspace_streams_a_memmap_kernel(product_dtype, tmp_path, monkeypatch):
     assert unverified.passes == unverified.iterations
 
 
-@pytest.mark.parametrize("solver", ["evr", "subspace", "lanczos"])
+@pytest.mark.parametrize("solver", ["evr", "chebyshev", "subspace", "lanczos"])
 def test_float16_kernel_is_solved_in_float32(solver):
     kernel = psd_matrix(50, seed=5).astype(np.float16)
     pairs = top_eigenpairs(kernel, 5, solver=solver)
@@ -171,19 +171,21 @@ def test_auto_matches_numpy_eigh(dtype):
 
 def test_choose_solver_follows_size_memory_and_k():
     gib = 1 << 30
-    assert choose_solver(6102, 1000, 4, ram_bytes=24 * gib) == "evr"
+    assert choose_solver(4000, 1000, 4, ram_bytes=24 * gib) == "evr"
+    assert choose_solver(6102, 1000, 4, ram_bytes=24 * gib) == "chebyshev"
     assert choose_solver(6102, 4000, 4, ram_bytes=24 * gib) == "evd"
-    assert choose_solver(20000, 1000, 4, ram_bytes=24 * gib) == "subspace"
-    assert choose_solver(60000, 1000, 4, ram_bytes=24 * gib) == "subspace"
-    assert choose_solver(5000, 100, 8, ram_bytes=gib // 4) == "subspace"  # LAPACK won't fit
+    assert choose_solver(20000, 1000, 4, ram_bytes=24 * gib) == "chebyshev"
+    assert choose_solver(60000, 1000, 4, ram_bytes=24 * gib) == "chebyshev"
+    assert choose_solver(60000, 40000, 4, ram_bytes=24 * gib) == "chebyshev"  # LAPACK won't fit
+    assert choose_solver(4000, 100, 8, ram_bytes=gib // 4) == "chebyshev"  # LAPACK won't fit
     assert choose_solver(5000, 4999, 8, ram_bytes=gib // 4) == "evd"  # iterative needs k < N-1
 
 
-def test_auto_uses_subspace_beyond_dense_max_n(monkeypatch):
+def test_auto_uses_chebyshev_beyond_dense_max_n(monkeypatch):
     monkeypatch.setattr(ntklab.eigen._stored, "DENSE_MAX_N", 50)
     kernel = psd_matrix(80)
     pairs = top_eigenpairs(kernel, 4, solver="auto")
-    assert pairs.solver == "subspace"
+    assert pairs.solver == "chebyshev"
     assert top_eigenpairs(kernel, 4, solver="dense").solver == "evr"
     assert top_eigenpairs(kernel, 79, solver="auto").solver == "evd"
 
@@ -254,7 +256,9 @@ def problems(networks):
     cache = {}
 
     def problem(name, n=NUM_EXAMPLES, dtype=np.float64, duplicates=0):
-        key = (name, n, np.dtype(dtype).name, duplicates)
+        # JAX's x64 switch is part of the key: without it float64 params silently compute in
+        # float32, and a test without the float64 fixture would poison a later one's reference.
+        key = (name, n, np.dtype(dtype).name, duplicates, bool(jax.config.jax_enable_x64))
         if key not in cache:
             apply_fn, params, shape = networks[name]
             params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)

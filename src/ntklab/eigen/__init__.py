@@ -10,17 +10,19 @@ Dimensions: N examples, P parameters, k eigenpairs, b vectors in a block, m Nyst
     pairs = nystrom_eigenpairs(apply_fn, params, x, 10, num_landmarks=500)   # K [N, m] only
 
 How the stored-kernel solver is chosen (``solver="auto"``, :func:`choose_solver`): LAPACK's
-MRRR subset driver ``syevr`` (``"evr"``, top-k only) while N <= ``DENSE_MAX_N`` and the kernel
-plus LAPACK's workspace (≈ 3 N² words) fit in half the RAM — or divide and conquer ``syevd``
-(``"evd"``) when k > N / 2; beyond that, blocked subspace iteration (``"subspace"``): each
-iteration is one GEMM K X over the still-unconverged block X [N, a] (float32 by default: the
-accuracy target is relative to λ_1, so a float32 product suffices), streamed in row panels when
-K is a ``np.memmap`` (the engine writes out-of-core kernels as ``.npy`` memmaps), followed by
-Cholesky QR2 orthonormalization and Rayleigh–Ritz in float64 (SciPy/LAPACK ``cholesky``,
-``solve_triangular``, ``eigh``), with converged leading pairs locked. Its work is O(N² b) per
-iteration in GEMMs, against LAPACK's O(N³) tridiagonal reduction, which is memory-bound half of
-the time; the measured crossover on the project machine is in BENCHMARKS.md ("Eigensolvers at
-scale"). ARPACK Lanczos (``"lanczos"``) remains for small k.
+MRRR subset driver ``syevr`` (``"evr"``, top-k only) while N <= ``DENSE_MAX_N`` (5,000) and the
+kernel plus LAPACK's workspace (≈ 3 N² words) fit in half the RAM, or divide and conquer ``syevd``
+(``"evd"``) when k > N / 2; beyond that, Chebyshev-filtered subspace iteration (``"chebyshev"``,
+Zhou & Saad 2007): between Rayleigh–Ritz steps the active block X [N, a] is multiplied by a
+degree-3 Chebyshev polynomial of K that is at most 1 on [0, λ_b] and grows fast above it, so the
+last wanted pairs converge in 2–3 outer iterations instead of 10 (LeNet at N = 6,102, k = 1,000:
+8–9 GEMMs K X). Each GEMM is float32 by default (the accuracy target is relative to λ_1, so a
+float32 product suffices) and streamed in row panels when K is a ``np.memmap`` (the engine writes
+out-of-core kernels as ``.npy`` memmaps); Cholesky QR2 (first pass float64), Rayleigh–Ritz with
+SciPy/LAPACK ``eigh``, and converged leading pairs are locked. LAPACK's O(N³) tridiagonal reduction
+is memory-bound half of the time; the filter's work is O(N² k) in GEMMs at the matmul rate. The
+measured crossover on the project machine is in BENCHMARKS.md ("Eigensolvers at scale"). Plain
+subspace iteration (``"subspace"``) and ARPACK Lanczos (``"lanczos"``, small k) remain selectable.
 
 ``matrix_free_eigenpairs`` never forms K [N, N]: it applies K·V = J (Jᵀ V) to blocks V [N, b]
 through the engine's operator :class:`ntklab.ntk.KernelOperator` (two passes over the data per

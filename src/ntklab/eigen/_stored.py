@@ -1,4 +1,5 @@
-"""Top-k eigenpairs of a stored kernel (an array or a ``.npy`` memmap): LAPACK or subspace iteration.
+"""Top-k eigenpairs of a stored kernel (an array or a ``.npy`` memmap): LAPACK, Chebyshev-filtered
+or plain subspace iteration, or ARPACK.
 
 Dimensions: N examples, k eigenpairs, b = k + oversampling vectors in the block.
 
@@ -17,6 +18,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 
+from ntklab.eigen._chebyshev import chebyshev_subspace_iteration
 from ntklab.eigen._iterative import subspace_iteration
 from ntklab.eigen._pairs import (
     Eigenpairs,
@@ -30,35 +32,47 @@ from ntklab.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-Solver = Literal["auto", "dense", "evr", "evd", "subspace", "lanczos"]
-SOLVERS: tuple[str, ...] = ("auto", "dense", "evr", "evd", "subspace", "lanczos")
+Solver = Literal["auto", "dense", "evr", "evd", "chebyshev", "subspace", "lanczos"]
+SOLVERS: tuple[str, ...] = ("auto", "dense", "evr", "evd", "chebyshev", "subspace", "lanczos")
 ProductDtype = Literal["auto", "float32", "float64"]
 PRODUCT_DTYPES: tuple[str, ...] = ("auto", "float32", "float64")
 
-DENSE_MAX_N = 8192
+DENSE_MAX_N = 5000
 """``solver="auto"``: LAPACK up to this N (if the kernel's float copy and workspace fit in RAM),
-subspace iteration beyond (see BENCHMARKS.md, "Eigensolvers at scale")."""
+Chebyshev-filtered subspace iteration beyond. Measured on the project machine (2 cores, float32
+LeNet eNTK, BENCHMARKS.md "Eigensolvers at scale"): LAPACK wins at N = 4,000, k = 1,000 (2.7 s
+against 3.2 s), the filter at N = 6,102 for every k from 100 to 2,000 (1.4 s against 5.3 s at
+k = 100, 5.5 s against 8.4 s at k = 1,000)."""
 
 DENSE_MEMORY_FRACTION = 0.5
 """LAPACK needs about 3 N² words (the matrix copy, the eigenvectors, workspace); ``auto`` uses it
 only while that fits in this fraction of the host RAM."""
 
 
+CHEBYSHEV_DEGREE = 3
+"""Filter degree of ``solver="chebyshev"`` (products per outer iteration); 4 and up let the
+filtered block lose rank in float32 on LeNet's spectrum (λ_1 / λ_1000 ≈ 6,500)."""
+
+
 def default_oversampling(num_eigvecs: int, n: int) -> int:
-    """Extra block vectors for subspace iteration: max(20, k / 10), capped by N − k."""
+    """Extra block vectors for subspace iteration (plain or Chebyshev-filtered): max(20, k / 10),
+    capped by N − k."""
     return min(n - num_eigvecs, max(20, num_eigvecs // 10))
 
 
 def choose_solver(n: int, num_eigvecs: int, itemsize: int, *, ram_bytes: int | None = None) -> str:
-    """``solver="auto"``: ``"evr"`` while LAPACK fits (N <= ``DENSE_MAX_N`` and 3 N² words in
-    ``DENSE_MEMORY_FRACTION`` of RAM), else ``"subspace"``; ``"evd"`` for k > N / 2 (the whole
-    spectrum is then cheaper than a subset)."""
+    """``solver="auto"``: ``"evr"`` while N <= ``DENSE_MAX_N`` and LAPACK fits (3 N² words in
+    ``DENSE_MEMORY_FRACTION`` of RAM), else ``"chebyshev"``; ``"evd"`` whenever k > N / 2 and
+    LAPACK fits (the whole spectrum is then cheaper than a subset or a block of k vectors), and
+    for k >= N − 1 (the iterative solvers need k < N − 1)."""
     if ram_bytes is None:
         ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     fits = 3 * n * n * itemsize <= DENSE_MEMORY_FRACTION * ram_bytes
-    if (n <= DENSE_MAX_N and fits) or num_eigvecs >= n - 1:
-        return "evd" if 2 * num_eigvecs > n else "evr"
-    return "subspace"
+    if num_eigvecs >= n - 1 or (fits and 2 * num_eigvecs > n):
+        return "evd"
+    if n <= DENSE_MAX_N and fits:
+        return "evr"
+    return "chebyshev"
 
 
 def top_eigenpairs(
@@ -78,25 +92,29 @@ def top_eigenpairs(
 
     Args:
       kernel: symmetric matrix [N, N] (float32 or float64; a ``np.memmap`` is streamed in row
-        panels by ``subspace`` and ``lanczos`` and never loaded whole).
+        panels by ``chebyshev``, ``subspace`` and ``lanczos`` and never loaded whole).
       num_eigvecs: number of eigenpairs k, 1 <= k <= N.
       solver: ``"evr"`` (LAPACK ``syevr`` on the top-k index subset, MRRR), ``"evd"`` (LAPACK
         divide and conquer, all N pairs), ``"dense"`` (whichever of the two ``auto`` would take),
-        ``"subspace"`` (blocked subspace iteration with Rayleigh–Ritz and locking: large GEMMs
-        over the stored kernel), ``"lanczos"`` (ARPACK ``eigsh``: matrix-vector products), or
+        ``"chebyshev"`` (subspace iteration whose block is multiplied by a degree-3 Chebyshev
+        filter between Rayleigh–Ritz steps, with locking: large GEMMs over the stored kernel,
+        several times fewer than plain), ``"subspace"`` (plain blocked subspace iteration with
+        Rayleigh–Ritz and soft locking), ``"lanczos"`` (ARPACK ``eigsh``: matrix-vector products), or
         ``"auto"`` (:func:`choose_solver`).
       tol: iterative solvers stop once every ‖K v_j − λ_j v_j‖ / λ_1 < tol (``lanczos``: ARPACK's
-        relative tolerance). None: 5e-6 for ``subspace`` with float32 products, 1e-10 with
+        relative tolerance). None: 5e-6 for ``chebyshev``/``subspace`` with float32 products, 1e-10 with
         float64 products, 0 (machine precision) for ``lanczos``.
       seed: seeds the random starting block (iterative solvers).
-      oversampling: block vectors beyond k for ``subspace`` (None: ``default_oversampling``).
-      num_iterations: most ``subspace`` iterations (or ARPACK restarts).
-      product_dtype: dtype of the products K X in ``subspace``: ``"float32"`` (a float32 GEMM,
+      oversampling: block vectors beyond k for ``chebyshev`` (at least 1) and ``subspace``
+        (None: ``default_oversampling``).
+      num_iterations: most outer iterations of ``chebyshev``/``subspace`` (or ARPACK restarts).
+      product_dtype: dtype of the products K X in ``chebyshev``/``subspace`` (``chebyshev`` also
+        keeps its block in it): ``"float32"`` (a float32 GEMM,
         about 2× faster; residuals reach ~1e-6 of λ_1), ``"float64"``, or ``"auto"`` (the
         kernel's dtype; float32 for a float16 kernel).
       verify: measure every pair's residual in float64 with one more pass over the kernel
-        (otherwise ``subspace`` reports the residuals of its own last products).
-      progress: show a progress bar over ``subspace`` iterations (converged pairs, residual).
+        (otherwise ``chebyshev``/``subspace`` report the residuals of their own last products).
+      progress: show a progress bar over the iterations (converged pairs, residual).
 
     Returns:
       The eigenpairs (values descending, float64) with per-pair residuals and gaps, the
@@ -135,9 +153,9 @@ def top_eigenpairs(
     requested = solver
     if solver in ("auto", "dense"):
         solver = choose_solver(n, num_eigvecs, kernel.dtype.itemsize)
-        if requested == "dense" and solver == "subspace":
+        if requested == "dense" and solver == "chebyshev":
             solver = "evd" if 2 * num_eigvecs > n else "evr"
-    if solver in ("lanczos", "subspace") and num_eigvecs >= n - 1:
+    if solver in ("lanczos", "subspace", "chebyshev") and num_eigvecs >= n - 1:
         logger.info("%s needs k < N - 1; using LAPACK for k=%d, N=%d", solver, num_eigvecs, n)
         solver = "evd"
     tic = time.perf_counter()
@@ -175,18 +193,18 @@ def top_eigenpairs(
             tol = 5e-6 if dtype == np.float32 else 1e-10
         if oversampling is None:
             oversampling = default_oversampling(num_eigvecs, n)
-        block = min(n, num_eigvecs + oversampling)
-        matmat, counter = _panel_matmat(kernel, dtype)
-        bar = progress_bar(
-            total=num_iterations, desc="subspace iteration", unit="iter", enabled=progress
-        )
+        chebyshev = solver == "chebyshev"
+        block = min(n, num_eigvecs + (max(1, oversampling) if chebyshev else oversampling))
+        matmat, counter = _panel_matmat(kernel, dtype, result_dtype=dtype if chebyshev else None)
+        name = "Chebyshev subspace iteration" if chebyshev else "subspace iteration"
+        bar = progress_bar(total=num_iterations, desc=name, unit="iter", enabled=progress)
         started = time.perf_counter()
 
         def report(residual: float | None, converged: int | None = None) -> None:
             bar.update(1, converged=f"{converged}/{num_eigvecs}", residual=f"{residual:.1e}")
             logger.info(
-                "subspace iteration %d: %d/%d pairs converged, max residual %.2e (tol %.0e), "
-                "%.1f s",
+                "%s: %d products, %d/%d pairs converged, max residual %.2e (tol %.0e), %.1f s",
+                name,
                 counter["products"],
                 converged,
                 num_eigvecs,
@@ -196,24 +214,29 @@ def top_eigenpairs(
             )
 
         logger.info(
-            "subspace iteration: block of %d vectors (k=%d + %d), %s products over %d-row panels",
+            "%s: block of %d vectors (k=%d + %d)%s, %s products over %d-row panels",
+            name,
             block,
             num_eigvecs,
             block - num_eigvecs,
+            f", filter degree {CHEBYSHEV_DEGREE}" if chebyshev else "",
             dtype,
             counter["panel_rows"],
         )
+        options = dict(
+            block=block,
+            num_iterations=num_iterations,
+            tol=tol,
+            rng=np.random.default_rng(seed),
+            report=report,
+        )
         try:
-            result = subspace_iteration(
-                matmat,
-                n,
-                num_eigvecs,
-                block=block,
-                num_iterations=num_iterations,
-                tol=tol,
-                rng=np.random.default_rng(seed),
-                report=report,
-            )
+            if chebyshev:
+                result = chebyshev_subspace_iteration(
+                    matmat, n, num_eigvecs, degree=CHEBYSHEV_DEGREE, dtype=dtype, **options
+                )
+            else:
+                result = subspace_iteration(matmat, n, num_eigvecs, **options)
         finally:
             bar.close()
         values, vectors, next_value = result.values, result.vectors, result.next_value
@@ -271,20 +294,22 @@ def _working_dtype(kernel: np.ndarray) -> np.dtype:
     return np.dtype(np.float32) if kernel.dtype.itemsize < 4 else np.dtype(kernel.dtype)
 
 
-def _panel_matmat(kernel: np.ndarray, dtype: np.dtype):
-    """``matmat(V [N, b]) -> K V [N, b]`` float64 by GEMMs in ``dtype`` over row panels of the
-    kernel (a memmap is read panel by panel, never whole), and a counter of products."""
+def _panel_matmat(kernel: np.ndarray, dtype: np.dtype, result_dtype: np.dtype | None = None):
+    """``matmat(V [N, b]) -> K V [N, b]`` (``result_dtype``, default float64) by GEMMs in
+    ``dtype`` over row panels of the kernel (a memmap is read panel by panel, never whole), and a
+    counter of products."""
     step = rows_per_panel(kernel, dtype.itemsize)
     counter = {"products": 0, "panel_rows": min(step, kernel.shape[0])}
     whole = not isinstance(kernel, np.memmap) and kernel.dtype == dtype
+    result_dtype = np.dtype(np.float64 if result_dtype is None else result_dtype)
 
     def matmat(vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors)
         right = vectors.astype(dtype, copy=False)
         counter["products"] += 1
         if whole:
-            return np.asarray(kernel @ right, dtype=np.float64)
-        product = np.empty((kernel.shape[0], vectors.shape[1]), dtype=np.float64)
+            return np.asarray(kernel @ right, dtype=result_dtype)
+        product = np.empty((kernel.shape[0], vectors.shape[1]), dtype=result_dtype)
         for start in range(0, kernel.shape[0], step):
             rows = slice(start, start + step)
             product[rows] = np.asarray(kernel[rows], dtype=dtype) @ right
