@@ -66,6 +66,8 @@ SOLVER_CASES = [
     ("lanczos", "auto", 1e-10),
     ("subspace", "float64", 1e-10),
     ("subspace", "float32", 1e-5),
+    ("chebyshev", "float64", 1e-10),
+    ("chebyshev", "float32", 1e-5),
 ]
 
 
@@ -98,7 +100,9 @@ def test_stored_solvers_match_numpy_eigh(solver, product_dtype, tol, spectrum):
     np.testing.assert_allclose(pairs.gaps, expected / values[0], rtol=0, atol=10 * tol)
     peaks = pairs.vectors[np.argmax(np.abs(pairs.vectors), axis=0), np.arange(k)]
     assert np.all(peaks > 0)
-    assert pairs.passes >= 1 and (pairs.iterations > 0) == (solver in ("subspace", "lanczos"))
+    assert pairs.passes >= 1 and (pairs.iterations > 0) == (
+        solver in ("subspace", "chebyshev", "lanczos")
+    )
 
 
 def test_clustered_pairs_are_flagged_unresolved():

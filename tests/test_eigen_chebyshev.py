@@ -24,27 +24,34 @@ def no_report(residual, converged=None):
     return None
 
 
+def solve(matmat, n, k, *, block, tol, num_iterations, **options):
+    """``chebyshev_subspace_iteration`` from a fixed seed, without progress reports."""
+    return chebyshev_subspace_iteration(
+        matmat,
+        n,
+        k,
+        block=block,
+        num_iterations=num_iterations,
+        tol=tol,
+        rng=np.random.default_rng(0),
+        report=no_report,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("product_dtype, tol", [("float32", 1e-5), ("float64", 1e-10)])
-@pytest.mark.parametrize("spectrum", ["decaying", "clustered", "power_law"])
-def test_chebyshev_matches_numpy_eigh(product_dtype, tol, spectrum):
+def test_chebyshev_on_a_slowly_decaying_spectrum(product_dtype, tol):
+    # Decaying and clustered spectra run in test_eigen's SOLVER_CASES; this one has no clear gap
+    # after the outlier, the case the filter is for.
     n, k = 160, 40
-    values_in = {
-        "decaying": None,
-        "clustered": clustered_spectrum(n),
-        "power_law": power_law_spectrum(n),
-    }[spectrum]
-    kernel = psd_matrix(n, seed=2, spectrum=values_in)
+    kernel = psd_matrix(n, seed=2, spectrum=power_law_spectrum(n))
     pairs = top_eigenpairs(
         kernel, k, solver="chebyshev", product_dtype=product_dtype, oversampling=12, seed=1
     )
-    values, vectors = reference(kernel, k)
-    assert pairs.solver == "chebyshev"
-    assert pairs.values.shape == (k,) and pairs.vectors.shape == (n, k)
+    values, _ = reference(kernel, k)
     np.testing.assert_allclose(pairs.values, values[:k], rtol=0, atol=tol * values[0])
     assert np.all(np.diff(pairs.values) <= 0)
     np.testing.assert_allclose(pairs.vectors.T @ pairs.vectors, np.eye(k), atol=10 * tol)
-    if spectrum != "power_law":  # the power-law tail has no 1e-3 gap to compare subspaces at
-        assert_projectors_match(pairs.vectors, values, vectors, atol=100 * tol)
     independent = np.linalg.norm(kernel @ pairs.vectors - pairs.vectors * pairs.values, axis=0)
     np.testing.assert_allclose(pairs.residuals, independent / values[0], rtol=1e-6, atol=1e-15)
     assert pairs.max_residual < tol
@@ -100,15 +107,13 @@ def test_the_filter_saves_products_on_a_slowly_decaying_spectrum():
             calls.append(v.shape[1])
             return kernel @ v
 
-        result = chebyshev_subspace_iteration(
+        result = solve(
             matmat,
             n,
             k,
             block=k + 10,
             num_iterations=500,
             tol=1e-8,
-            rng=np.random.default_rng(0),
-            report=no_report,
             degree=degree,
             dtype=np.float64,
         )
@@ -124,15 +129,13 @@ def test_exactly_degenerate_spectrum():
     kernel = (basis * spectrum) @ basis.T
     cluster = basis[:, :3] @ basis[:, :3].T
     for k in (2, 3, 5):
-        result = chebyshev_subspace_iteration(
+        result = solve(
             lambda v: kernel @ v,
             n,
             k,
             block=k + 4,
             num_iterations=200,
             tol=1e-11,
-            rng=np.random.default_rng(0),
-            report=no_report,
             dtype=np.float64,
         )
         np.testing.assert_allclose(result.values, spectrum[:k], rtol=1e-9)
@@ -165,15 +168,13 @@ def test_float32_filter_of_high_degree_still_converges(degree):
     # stalled at 1e-2); the top takes plain steps and is projected out of the filtered tail.
     n, k = 200, 50
     kernel = psd_matrix(n, seed=6, spectrum=power_law_spectrum(n), dtype=np.float32)
-    result = chebyshev_subspace_iteration(
+    result = solve(
         lambda v: kernel @ v,
         n,
         k,
         block=k + 8,
         num_iterations=12,
         tol=1e-5,
-        rng=np.random.default_rng(0),
-        report=no_report,
         degree=degree,
         dtype=np.float32,
     )
@@ -213,14 +214,12 @@ def test_float16_kernel_and_the_smallest_block():
     np.testing.assert_allclose(pairs.values, values[:5], rtol=0, atol=1e-5 * values[0])
     assert pairs.max_residual < 1e-5
     with pytest.raises(ValueError, match="degree must be a positive integer"):
-        chebyshev_subspace_iteration(
+        solve(
             lambda v: v,
             10,
             2,
             block=4,
             num_iterations=1,
             tol=1e-3,
-            rng=np.random.default_rng(0),
-            report=no_report,
             degree=0,
         )
