@@ -21,7 +21,8 @@ float32 product suffices) and streamed in row panels when K is a ``np.memmap`` (
 out-of-core kernels as ``.npy`` memmaps); Cholesky QR2 (first pass float64), Rayleigh–Ritz with
 SciPy/LAPACK ``eigh``, and converged leading pairs are locked. LAPACK's O(N³) tridiagonal reduction
 is memory-bound half of the time; the filter's work is O(N² k) in GEMMs at the matmul rate. The
-measured crossover on the project machine is in BENCHMARKS.md ("Eigensolvers at scale"). Plain
+measured crossover on the project machine is in BENCHMARKS.md ("Eigensolvers:
+Chebyshev-filtered subspace iteration"). Plain
 subspace iteration (``"subspace"``) and ARPACK Lanczos (``"lanczos"``, small k) remain selectable.
 
 ``matrix_free_eigenpairs`` never forms K [N, N]: it applies K·V = J (Jᵀ V) to blocks V [N, b]

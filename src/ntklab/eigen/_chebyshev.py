@@ -154,16 +154,15 @@ def _chebyshev_filter(
     every product: otherwise a tail column's small components along the top eigenvectors,
     amplified by up to T_m(t_1) / T_m(t_k) (1e12 for LeNet), would bury its own in rounding.
     """
-    cutoff = float(values[-1])
-    last_wanted = float(values[min(wanted, len(values)) - 1])
-    if degree == 1 or cutoff <= PLAIN_STEP_RATIO * last_wanted:
+    cutoff, last = float(values[-1]), min(wanted, len(values)) - 1  # last: the last wanted
+    if degree == 1 or cutoff <= PLAIN_STEP_RATIO * float(values[last]):
         return images  # one plain product: K basis
 
     def mapped(t: np.ndarray | float) -> np.ndarray | float:
         return 2.0 * np.asarray(t, dtype=np.float64) / cutoff - 1.0
 
     gains = np.polynomial.chebyshev.chebval(mapped(values), np.eye(degree + 1)[degree])
-    budget = FILTER_RANGE[np.dtype(basis.dtype).itemsize > 4] * gains[min(wanted, len(values)) - 1]
+    budget = FILTER_RANGE[np.dtype(basis.dtype).itemsize > 4] * gains[last]
     head = int(np.sum(gains > budget))
     if head == len(values):
         return images
@@ -199,12 +198,10 @@ def _orthonormalize(
     rounding), else in float64 (the range finder's block K Ω leans towards the top eigenvectors);
     Householder QR takes over when even the float64 factor is rank deficient."""
     dtype = block.dtype
-    done = 0
-    while done < 2:
+    for _ in range(2):
         if basis is not None and basis.shape[1]:
             block = block - basis @ (basis.T @ block)
         norms = np.maximum(np.linalg.norm(block, axis=0), np.finfo(dtype).tiny)
-        precision = dtype
         for precision in dict.fromkeys((dtype, np.dtype(np.float64))):
             scaled = np.asarray(block, dtype=precision) / norms.astype(precision)
             factor = _cholesky(_gram(scaled))
@@ -223,7 +220,6 @@ def _orthonormalize(
         block = scipy.linalg.solve_triangular(
             factor, scaled.T, trans="T", lower=False, check_finite=False, overwrite_b=True
         ).T.astype(dtype, copy=False)
-        done += 1
     return np.ascontiguousarray(block)
 
 

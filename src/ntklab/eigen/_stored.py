@@ -40,7 +40,7 @@ PRODUCT_DTYPES: tuple[str, ...] = ("auto", "float32", "float64")
 DENSE_MAX_N = 5000
 """``solver="auto"``: LAPACK up to this N (if the kernel's float copy and workspace fit in RAM),
 Chebyshev-filtered subspace iteration beyond. Measured on the project machine (2 cores, float32
-LeNet eNTK, BENCHMARKS.md "Eigensolvers at scale"): LAPACK wins at N = 4,000, k = 1,000 (2.7 s
+LeNet eNTK, BENCHMARKS.md "Eigensolvers: Chebyshev-filtered subspace iteration"): LAPACK wins at N = 4,000, k = 1,000 (2.7 s
 against 3.2 s), the filter at N = 6,102 for every k from 100 to 2,000 (1.4 s against 5.3 s at
 k = 100, 5.5 s against 8.4 s at k = 1,000)."""
 
@@ -50,8 +50,8 @@ only while that fits in this fraction of the host RAM."""
 
 
 CHEBYSHEV_DEGREE = 3
-"""Filter degree of ``solver="chebyshev"`` (products per outer iteration); 4 and up let the
-filtered block lose rank in float32 on LeNet's spectrum (λ_1 / λ_1000 ≈ 6,500)."""
+"""Filter degree of ``solver="chebyshev"`` (products per outer iteration): 8 products in all on
+LeNet at N = 6,102, k = 1,000; degree 2 needed as many products and one more outer iteration."""
 
 
 def default_oversampling(num_eigvecs: int, n: int) -> int:
