@@ -496,7 +496,7 @@ def run_case(spec: dict, args: argparse.Namespace) -> dict:
             np.save(spec["kernel_path"], kernel)
         del kernel
         if base == "ntklab" and spec.get("breakdown"):
-            result["breakdown"] = ntklab_breakdown(ctx, x, args)
+            result["breakdown"] = ntklab_breakdown(ctx, x, args, variant or None)
     except Exception as error:  # report and go on with the next case
         log.exception("case %s N=%d %s failed", model_name, n, impl)
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
@@ -522,40 +522,60 @@ def gc_collect() -> None:
         torch.cuda.empty_cache()
 
 
-def ntklab_breakdown(ctx: ModelContext, x: np.ndarray, args: argparse.Namespace) -> dict:
-    """Seconds of the per-example Jacobians of all N examples, computed once each.
+def ntklab_breakdown(
+    ctx: ModelContext, x: np.ndarray, args: argparse.Namespace, variant: str | None
+) -> dict:
+    """Seconds of the engine's own per-block features of all N examples, each block once.
 
-    Mirrors the engine's Jacobian path (``vmap(jacrev)`` over the parameter leaves of one
-    example, reshaped to [B, 1, P_leaf] and concatenated to [B, 1, P], on blocks of B padded
-    examples, kept on the device), compiled beforehand; the rest of ntklab's time is contraction,
-    host copies, mirroring and compilation.
+    Lays out the same plan as the timed run (``_schedule.choose_plan`` with the same keywords:
+    layerwise Jacobians, factored layers, parameter chunks) and times its compiled feature
+    functions (``_units.features_fn``) on every block, compiled beforehand; the rest of
+    ntklab's time is contraction, host copies, mirroring and compilation. Also returns the
+    plan's contraction FLOPs (factored layers counted by their factored cost).
     """
-    leaves, treedef = jax.tree.flatten(ctx.params)
-    apply_fn = ctx.apply_fn
+    from ntklab.ntk import _schedule, _units
 
-    def outputs(leaves: list[jax.Array], example: jax.Array) -> jax.Array:
-        return apply_fn(jax.tree.unflatten(treedef, leaves), example[None])[0]
-
-    @jax.jit
-    def features(leaves: list[jax.Array], x: jax.Array) -> jax.Array:
-        jacobians = jax.vmap(jax.jacrev(outputs), in_axes=(None, 0))(leaves, x)
-        return jnp.concatenate([j.reshape(x.shape[0], 1, -1) for j in jacobians], axis=2)
-
-    block = min(args.batch_size, len(x))
-    slices = _blocks(len(x), block)
-
-    def padded(rows: slice) -> jax.Array:
-        part = x[rows]
-        missing = block - len(part)
-        if missing:
-            part = np.pad(part, [(0, missing)] + [(0, 0)] * 3, mode="edge")
-        return jnp.asarray(part)
-
-    jax.block_until_ready(features(leaves, padded(slices[0])))
+    kwargs = engine_kwargs(variant, args.precision, args.devices)
+    devices = kwargs.get("devices")
+    problem = _schedule.make_problem(
+        ctx.apply_fn, ctx.params, x, x, symmetric=True, output="trace",
+        precision=kwargs.get("precision", "float32"), projection_dim=None,
+        projection="rademacher", projection_seed=0,
+        devices=tuple(devices) if devices is not None else tuple(jax.devices()),
+    )  # fmt: skip
+    plan = _schedule.choose_plan(
+        problem, kwargs.get("implementation", "auto"), batch_size=args.batch_size,
+        memory_bytes=None, param_chunk_size=None,
+    )  # fmt: skip
+    if plan.implementation == "ntk_vector_products":
+        return {}
+    leaves, keys = list(problem.leaves), _units.projection_keys(problem)
+    functions = [_units.features_fn(plan, g) for g in range(len(plan.param_groups))]
+    first = problem.put_block(x, plan.row_slices[0], plan.block)
+    for fn in functions:
+        jax.block_until_ready(fn(leaves, keys, first))
     start = time.perf_counter()
-    for rows in slices:
-        jax.block_until_ready(features(leaves, padded(rows)))
-    return {"jacobian_seconds": time.perf_counter() - start, "block": block, "blocks": len(slices)}
+    for rows in plan.row_slices:
+        block = problem.put_block(x, rows, plan.block)
+        for fn in functions:
+            jax.block_until_ready(fn(leaves, keys, block))
+    jacobian_seconds = time.perf_counter() - start
+    # The floor the issue names: one batched forward + backward (gradient of the summed outputs
+    # wrt all parameters) per block of B examples.
+    params = jax.tree.unflatten(problem.treedef, leaves)
+    grad = jax.jit(jax.grad(lambda p, xs: ctx.apply_fn(p, xs).sum()))
+    jax.block_until_ready(grad(params, first))
+    start = time.perf_counter()
+    for rows in plan.row_slices:
+        jax.block_until_ready(grad(params, problem.put_block(x, rows, plan.block)))
+    return {
+        "jacobian_seconds": jacobian_seconds,
+        "forward_backward_seconds": time.perf_counter() - start,
+        "block": plan.block,
+        "blocks": len(plan.row_slices),
+        "contraction_flops": plan.cost(0.0),
+        "factored": plan.num_factored,
+    }
 
 
 def run_case_isolated(spec: dict, argv: list[str]) -> dict:
@@ -674,6 +694,8 @@ def breakdown_table(results: list[dict], rates: dict) -> str:
         "total s",
         "compile s",
         "Jacobians s",
+        "batched fwd+bwd s",
+        "Jacobians ÷ fwd+bwd",
         "rest s",
         "rest GFLOP/s",
         "rest % peak B×P",
@@ -690,7 +712,7 @@ def breakdown_table(results: list[dict], rates: dict) -> str:
         floor = p * n * (n + 1)
         rate = rates[r["model"]]["flops_per_s"]
         pairs = b["blocks"] * (b["blocks"] + 1) / 2
-        ideal = pairs * 2 * b["block"] ** 2 * p / rate
+        ideal = b.get("contraction_flops", pairs * 2 * b["block"] ** 2 * p) / rate
         rows.append(
             [
                 r["model"],
@@ -699,6 +721,13 @@ def breakdown_table(results: list[dict], rates: dict) -> str:
                 f"{total:.3f}",
                 f"{compile_seconds:.3f}",
                 f"{b['jacobian_seconds']:.3f}",
+                common.fmt(b.get("forward_backward_seconds"), ".3f"),
+                common.fmt(
+                    b["jacobian_seconds"] / b["forward_backward_seconds"]
+                    if b.get("forward_backward_seconds")
+                    else None,
+                    ".2f",
+                ),
                 f"{rest:.3f}",
                 common.fmt(floor / rest / 1e9 if rest > 0 else None, ".1f"),
                 common.fmt(100 * floor / rest / rate if rest > 0 else None, ".0f"),
@@ -842,9 +871,11 @@ def main(argv: list[str] | None = None) -> None:
     if any("breakdown" in r for r in results):
         print(
             "\nntklab's time split (compile: JAX tracing, lowering and XLA compilation inside the "
-            "timed run; Jacobians: all N examples once with the engine's recipe, precompiled; "
-            "rest = total - compile - Jacobians: contraction, host copies and mirroring; "
-            "ideal contraction: its block pairs at the measured B×P matmul rate):\n"
+            "timed run; Jacobians: the engine's own plan's block features of all N examples "
+            "once, precompiled; batched fwd+bwd: the gradient of the summed outputs of the same "
+            "blocks wrt all parameters; rest = total - compile - Jacobians: contraction, host copies "
+            "and mirroring; ideal contraction: the plan's contraction FLOPs (factored layers at "
+            "their factored cost) at the measured B×P matmul rate):\n"
         )
         print(breakdown_table(results, rates))
     if args.json:

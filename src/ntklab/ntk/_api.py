@@ -188,7 +188,7 @@ def run_plan(
             "(%d already done)%s",
             len(p.x1), len(p.x2), p.num_params, p.num_outputs, p.output, plan.implementation,
             len(p.devices), plan.block, plan.panel_blocks, len(plan.param_groups),
-            len(plan.dense), len(units), len(store.done),
+            plan.num_factored, len(units), len(store.done),
             f", projected to K={p.projection_dim}" if p.projection_dim else "",
         )  # fmt: skip
         runner = (

@@ -1,7 +1,8 @@
 """The feature backend: per-example Jacobian features of a leaf group, and their products.
 
 Dimensions: B examples per block (B1 rows, B2 columns), C outputs, P_leaf parameters of one leaf,
-K projection dimension, d_in/d_out a factored Dense layer's input/output width, b vectors.
+K projection dimension, d_in/d_out a factored Dense layer's input/output width, b vectors;
+for a factored convolution S output positions and F its patch size.
 
     fn = features_fn(apply_fn, treedef, group, num_outputs, None, "rademacher", mesh, dense)
     feats = fn(leaves, keys, x)           # x [B, ...] -> Features(leaves=([B, C, P_leaf], ...), ...)
@@ -25,7 +26,9 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as Spec
 
-from ntklab.ntk._layerwise import LayerwisePlan, layerwise_parts
+from ntklab.ntk import _conv_factors
+from ntklab.ntk._conv_factors import ConvFactor
+from ntklab.ntk._layerwise import LayerwisePlan, conv_config, layerwise_parts
 from ntklab.ntk._structure import DenseLayer
 from ntklab.types import ApplyFn
 
@@ -40,11 +43,15 @@ class Features(NamedTuple):
       leaves: per unfactored leaf its Jacobian [B, C, P_leaf], or one projected [B, C, K].
       inputs: per factored Dense layer its inputs a [B, d_in].
       sensitivities: per factored Dense layer ∂f/∂y δ [B, C, d_out].
+      patches: per factored convolution its input patches [B, S, F].
+      patch_sensitivities: per factored convolution δ [B, C, S, d_out].
     """
 
     leaves: tuple[jax.Array, ...]
     inputs: tuple[jax.Array, ...] = ()
     sensitivities: tuple[jax.Array, ...] = ()
+    patches: tuple[jax.Array, ...] = ()
+    patch_sensitivities: tuple[jax.Array, ...] = ()
 
 
 def _merge(leaves: list[jax.Array], group: tuple[int, ...], values: list[jax.Array]) -> list:
@@ -137,24 +144,24 @@ def block_features(
     projection: str,
     dense: tuple[DenseLayer, ...] = (),
     layerwise: LayerwisePlan | None = None,
+    convs: tuple[ConvFactor, ...] = (),
 ) -> Features:
     """Features of one device's examples x [B, ...] (traced inside ``shard_map``).
 
-    With a ``layerwise`` plan the per-example Jacobians (and the factored Dense layers' inputs
-    and sensitivities) come from one backward pass to the layer outputs (``_layerwise``);
-    without, from ``vmap(jacrev)``. Both are exact for any model.
+    With a ``layerwise`` plan the per-example Jacobians (and the factored Dense layers' and
+    convolutions' inputs and sensitivities) come from one backward pass to the layer outputs
+    (``_layerwise``); without, from ``vmap(jacrev)``. Both are exact for any model.
     """
     if layerwise is not None:
+        paths = tuple(layer.path for layer in dense) + tuple(conv.path for conv in convs)
         pieces, factors = layerwise_parts(
             apply_fn, treedef, leaves, group, x, num_outputs, plan=layerwise, axis_name=AXIS,
-            factored=tuple(layer.path for layer in dense),
+            factored=paths,
         )  # fmt: skip
-        if dense:
-            return Features(
-                leaves=pieces,
-                inputs=tuple(a for a, _ in factors),
-                sensitivities=tuple(d for _, d in factors),
-            )
+        if paths:
+            return _factored_features(pieces, factors, len(dense), convs, layerwise, num_outputs)
+    elif convs:
+        raise ValueError("factored convolutions need a layerwise plan")
     elif dense:
         return structured_features(apply_fn, treedef, leaves, group, dense, x, num_outputs)
     else:
@@ -168,6 +175,29 @@ def block_features(
     return Features(leaves=(sum(projected[1:], projected[0]),))
 
 
+def _factored_features(
+    pieces: tuple, factors: tuple, num_dense: int, convs: tuple[ConvFactor, ...],
+    layerwise: LayerwisePlan, num_outputs: int,
+) -> Features:  # fmt: skip
+    """Features from ``layerwise_parts``' output: Dense factors flattened per example, the
+    convolutions' turned into patches (their patch formula was verified by the plan)."""
+    by_path = {layer.path: layer for layer in layerwise.layers}
+    patches, patch_sens = [], []
+    for conv, (a, delta) in zip(convs, factors[num_dense:], strict=True):
+        config = conv_config(by_path[conv.path].module, by_path[conv.path].in_shape)
+        p, d = _conv_factors.patch_factors(config, a, delta)
+        patches.append(p)
+        patch_sens.append(d)
+    dense_factors = factors[:num_dense]
+    return Features(
+        leaves=pieces,
+        inputs=tuple(a.reshape(a.shape[0], -1) for a, _ in dense_factors),
+        sensitivities=tuple(d.reshape(d.shape[0], num_outputs, -1) for _, d in dense_factors),
+        patches=tuple(patches),
+        patch_sensitivities=tuple(patch_sens),
+    )
+
+
 def features_fn(
     apply_fn: ApplyFn,
     treedef: Any,
@@ -178,13 +208,14 @@ def features_fn(
     mesh: Mesh,
     dense: tuple[DenseLayer, ...] = (),
     layerwise: LayerwisePlan | None = None,
+    convs: tuple[ConvFactor, ...] = (),
 ) -> Callable[[list[jax.Array], jax.Array, jax.Array], Features]:
     """``fn(leaves, keys, x[B, ...]) -> Features``, jitted and sharded over the batch."""
 
     def per_device(leaves: list[jax.Array], keys: jax.Array, x: jax.Array) -> Features:
         return block_features(
             apply_fn, treedef, leaves, keys, x, group, num_outputs, projection_dim, projection,
-            dense, layerwise,
+            dense, layerwise, convs,
         )  # fmt: skip
 
     specs = (Spec(), Spec(), Spec(AXIS))
@@ -230,11 +261,18 @@ def dot(a: jax.Array, b: jax.Array, spec: str, precision: str, platform: str) ->
 
 
 def contract_block(
-    rows: Features, cols: Features, output: str, precision: str, platform: str, biases: tuple
+    rows: Features,
+    cols: Features,
+    output: str,
+    precision: str,
+    platform: str,
+    biases: tuple,
+    conv_biases: tuple = (),
 ) -> jax.Array:
     """The kernel block of two feature sets, in ``output`` layout, summed over leaves and layers.
 
-    ``biases[k]`` says whether factored layer k has a bias (its kernel is (a_i·a_j + 1)(δ_i·δ_j)).
+    ``biases[k]`` says whether factored layer k has a bias (its kernel is (a_i·a_j + 1)(δ_i·δ_j)),
+    ``conv_biases[k]`` the same for factored convolution k (see ``_conv_factors``).
     """
 
     def leaf(r: jax.Array, c: jax.Array) -> jax.Array:
@@ -253,18 +291,32 @@ def contract_block(
         inputs = dot(a_rows, a_cols, "if,jf->ij", precision, platform) + (1.0 if bias else 0.0)
         sens = leaf(d_rows, d_cols)
         blocks.append(inputs.reshape(inputs.shape + (1,) * (sens.ndim - 2)) * sens)
+    convs = zip(rows.patches, cols.patches, rows.patch_sensitivities, cols.patch_sensitivities,
+                conv_biases, strict=True)  # fmt: skip
+    for pr, pc, sr, sc, bias in convs:
+        blocks.append(_conv_factors.conv_block(
+            pr, pc, sr, sc, bias, output, lambda a, b, spec: dot(a, b, spec, precision, platform)
+        ))  # fmt: skip
     return sum(blocks[1:], blocks[0])
 
 
-def contract_fn(output: str, precision: str, mesh: Mesh, biases: tuple[bool, ...] = ()) -> Callable:
+def contract_fn(
+    output: str,
+    precision: str,
+    mesh: Mesh,
+    biases: tuple[bool, ...] = (),
+    conv_biases: tuple[bool, ...] = (),
+) -> Callable:
     """``fn(rows: Features sharded, cols: Features replicated)`` -> kernel block, jitted (or by
     the host's BLAS where :func:`host_contraction` applies)."""
     platform = mesh.devices.flat[0].platform
     if host_contraction(output, precision, mesh):
-        return functools.partial(_host_contract, output=output, biases=biases)
+        return functools.partial(
+            _host_contract, output=output, biases=biases, conv_biases=conv_biases
+        )
 
     def per_device(rows: Features, cols: Features) -> jax.Array:
-        return contract_block(rows, cols, output, precision, platform, biases)
+        return contract_block(rows, cols, output, precision, platform, biases, conv_biases)
 
     specs = (Spec(AXIS), Spec())
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=Spec(AXIS)))
@@ -289,7 +341,12 @@ def _host_leaf(rows: np.ndarray, cols: np.ndarray, output: str) -> np.ndarray:
 
 
 def _host_contract(
-    rows: Features, cols: Features, *, output: str, biases: tuple[bool, ...]
+    rows: Features,
+    cols: Features,
+    *,
+    output: str,
+    biases: tuple[bool, ...],
+    conv_biases: tuple[bool, ...] = (),
 ) -> np.ndarray:
     """:func:`contract_block` with NumPy on one CPU device (same sums, float accumulation in the
     features' dtype); the features are zero-copy views of the device buffers."""
@@ -304,6 +361,13 @@ def _host_contract(
         inputs = np.asarray(a_rows) @ np.asarray(a_cols).T + (1.0 if bias else 0.0)
         sens = _host_leaf(np.asarray(d_rows), np.asarray(d_cols), output)
         block = inputs.reshape(inputs.shape + (1,) * (sens.ndim - 2)) * sens
+        total = block if total is None else np.add(total, block, out=total)
+    convs = zip(rows.patches, cols.patches, rows.patch_sensitivities, cols.patch_sensitivities,
+                conv_biases, strict=True)  # fmt: skip
+    for pr, pc, sr, sc, bias in convs:
+        block = _conv_factors.host_conv_block(
+            np.asarray(pr), np.asarray(pc), np.asarray(sr), np.asarray(sc), bias, output
+        )
         total = block if total is None else np.add(total, block, out=total)
     return total
 

@@ -389,7 +389,7 @@ def _dependencies(jaxpr: Any, sources: dict) -> list[int]:
 # ------------------------------------------------------------------------- convolution patches
 
 
-def _conv_config(module: nn.Conv, in_shape: tuple[int, ...]) -> dict | None:
+def conv_config(module: nn.Conv, in_shape: tuple[int, ...]) -> dict | None:
     """The patch formula's view of an ``nn.Conv``, or None for configurations it does not do."""
     if (
         not module.shared_weights
@@ -435,26 +435,20 @@ def _conv_config(module: nn.Conv, in_shape: tuple[int, ...]) -> dict | None:
     }
 
 
-def _conv_patch_grads(
-    config: dict, a: jax.Array, delta: jax.Array, use_bias: bool
-) -> dict[str, jax.Array]:
-    """Per-example conv weight gradients Σ_p patch_p ⊗ δ_p.
+def conv_patches(config: dict, a: jax.Array) -> jax.Array:
+    """Channel-major input patches of a convolution.
 
     Args:
-      config: from ``_conv_config``.
+      config: from :func:`conv_config`.
       a: layer inputs [B, 1, *spatial_in, d_in].
-      delta: output sensitivities [B, C, 1, *spatial_out, d_out].
-      use_bias: also return the bias gradient Σ_p δ_p.
 
     Returns:
-      ``{"kernel": [B, C, *kernel_size, d_in / groups, d_out], "bias": [B, C, d_out]}``.
+      [B, K, groups, d_in / groups, positions] (K kernel offsets, positions = prod(spatial_out)):
+      patch_p of example b is ``patches[b, :, :, :, p]``, ordered like the kernel's
+      [*kernel_size, d_in / groups] axes.
     """
-    b, c = delta.shape[:2]
-    delta = delta[:, :, 0]
-    spatial_out = delta.shape[2:-1]
-    d_in, d_out, groups = a.shape[-1], delta.shape[-1], config["groups"]
-    # Channel-major patches [B, K, d_in, positions], so each example's product is a plain
-    # [K·d_in, positions] x [positions, d_out] GEMM writing the kernel layout directly.
+    b, d_in, groups = a.shape[0], a.shape[-1], config["groups"]
+    spatial_in = a.shape[2:-1]
     a = jnp.moveaxis(a[:, 0], -1, 1)  # [B, d_in, *spatial_in]
     pads = [(0, 0), (0, 0), *config["pads"]]
     if any(p != (0, 0) for p in pads):
@@ -462,6 +456,7 @@ def _conv_patch_grads(
             a = jax.lax.pad(a, jnp.zeros((), a.dtype), [(lo, hi, 0) for lo, hi in pads])
         else:
             a = jnp.pad(a, pads, mode=config["mode"])
+    spatial_out = conv_output_spatial(config, spatial_in)
     slices = []
     for offset in itertools.product(*(range(k) for k in config["kernel_size"])):
         start = [0, 0] + [o * d for o, d in zip(offset, config["dilation"], strict=True)]
@@ -470,8 +465,41 @@ def _conv_patch_grads(
             for s, n, st in zip(start[2:], spatial_out, config["strides"], strict=True)
         ]  # fmt: skip
         slices.append(jax.lax.slice(a, start, limit, [1, 1, *config["strides"]]))
-    num_offsets, positions = len(slices), math.prod(spatial_out)
-    patches = jnp.stack(slices, axis=1).reshape(b, num_offsets, groups, -1, positions)
+    positions = math.prod(spatial_out)
+    return jnp.stack(slices, axis=1).reshape(b, len(slices), groups, -1, positions)
+
+
+def conv_output_spatial(config: dict, spatial_in: tuple[int, ...]) -> tuple[int, ...]:
+    """The convolution's output spatial shape for inputs of spatial shape ``spatial_in``."""
+    out = []
+    for size, (lo, hi), k, d, st in zip(
+        spatial_in, config["pads"], config["kernel_size"], config["dilation"], config["strides"],
+        strict=True,
+    ):  # fmt: skip
+        out.append((size + lo + hi - ((k - 1) * d + 1)) // st + 1)
+    return tuple(out)
+
+
+def _conv_patch_grads(
+    config: dict, a: jax.Array, delta: jax.Array, use_bias: bool
+) -> dict[str, jax.Array]:
+    """Per-example conv weight gradients Σ_p patch_p ⊗ δ_p.
+
+    Args:
+      config: from :func:`conv_config`.
+      a: layer inputs [B, 1, *spatial_in, d_in].
+      delta: output sensitivities [B, C, 1, *spatial_out, d_out].
+      use_bias: also return the bias gradient Σ_p δ_p.
+
+    Returns:
+      ``{"kernel": [B, C, *kernel_size, d_in / groups, d_out], "bias": [B, C, d_out]}``.
+    """
+    b, c = delta.shape[:2]
+    d_in, d_out, groups = a.shape[-1], delta.shape[-1], config["groups"]
+    # Channel-major patches [B, K, g, d_in / g, positions], so each example's product is a plain
+    # [K·d_in, positions] x [positions, d_out] GEMM writing the kernel layout directly.
+    patches = conv_patches(config, a)
+    positions = patches.shape[-1]
     delta = delta.reshape(b, c, positions, groups, d_out // groups)
     kernel = jnp.einsum(
         "bkgip,bcpgo->bckigo", patches, delta, precision=jax.lax.Precision.HIGHEST
@@ -490,7 +518,7 @@ def _with_patches(layer: Layer, leaves: list, dtype: Any) -> Layer:
     if not names <= {"kernel", "bias"} or "kernel" not in names:
         return layer
     in_shape = layer.in_shape
-    config = _conv_config(layer.module, in_shape)
+    config = conv_config(layer.module, in_shape)
     if config is None:
         return layer
     patched = dataclasses.replace(layer, patches=True)
@@ -585,7 +613,7 @@ def _weight_grads(
     layer: Layer, params: dict, others: dict, a: jax.Array, delta: jax.Array
 ) -> dict[str, jax.Array]:
     if layer.patches:
-        config = _conv_config(layer.module, tuple(a.shape[1:]))
+        config = conv_config(layer.module, tuple(a.shape[1:]))
         grads = _conv_patch_grads(config, a, delta, "bias" in params)
         return {name: grads[name].astype(params[name].dtype) for name in params}
     return _own_vjp_grads(layer, params, others, a, delta)
@@ -644,8 +672,8 @@ def layerwise_parts(
 
     Returns:
       ``(jacobians, factors)``: one [B, C, P_leaf] array per leaf of ``group``, and per path of
-      ``factored`` the pair (inputs [B, d_in], sensitivities [B, C, d_out]) (flattened per
-      example after the batch and output axes).
+      ``factored`` the pair (inputs [B, *in_shape], sensitivities [B, C, *out_shape]) with the
+      layer's per-example shapes (leading axis of one) as recorded in the plan.
 
     Raises:
       RuntimeError: if a planned layer is not met while tracing (the plan is for another model),
@@ -707,10 +735,7 @@ def layerwise_parts(
     factors: list = [None] * len(factored)
     for k, layer in enumerate(active):
         if layer.path in by_factored:
-            factors[by_factored[layer.path]] = (
-                inputs[k].reshape(b, -1),
-                deltas[k].reshape(b, num_outputs, -1),
-            )
+            factors[by_factored[layer.path]] = (inputs[k], deltas[k])
             continue
         params = {name: vary(leaves[i]) for name, i in layer.params}
         grads = _weight_grads(layer, params, others.get(k, {}), inputs[k], deltas[k])

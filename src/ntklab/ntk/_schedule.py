@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
+from ntklab.ntk._conv_factors import ConvFactor, conv_factors
 from ntklab.ntk._features import AXIS
 from ntklab.ntk._layerwise import LayerwisePlan, layerwise_plan
 from ntklab.ntk._structure import DenseLayer, find_dense_layers, log_structure
@@ -251,6 +252,11 @@ class Plan:
     dense: tuple[DenseLayer, ...]  # factored layers; their factors travel with group 0
     chunked: bool
     layerwise: LayerwisePlan | None = None  # per-example Jacobians from layer sensitivities
+    convs: tuple[ConvFactor, ...] = ()  # factored convolutions (need ``layerwise``), group 0
+
+    @property
+    def num_factored(self) -> int:
+        return len(self.dense) + len(self.convs)
 
     def units(self) -> list[Unit]:
         """Work units in execution order (row panels, then column blocks left to right)."""
@@ -299,6 +305,7 @@ class Plan:
         if p.projection_dim is not None:
             unfactored = p.projection_dim
         factors = sum(layer.d_in + per_output * layer.d_out for layer in self.dense)
+        factors += sum(conv.contraction_size(per_output) for conv in self.convs)
         return evaluations * b * (1 + 2 * c) * forward + 2.0 * pairs * (
             per_output * unfactored + factors
         )
@@ -330,8 +337,11 @@ def make_plan(
     memory_bytes: int | None,
     param_chunk_size: int | None,
     dense: tuple[DenseLayer, ...] = (),
+    convs: tuple[ConvFactor, ...] = (),
+    layerwise: LayerwisePlan | None = None,
 ) -> Plan:
-    """Lays out ``implementation`` (``dense``: the factored layers for ``"structured"``).
+    """Lays out ``implementation`` (``dense``/``convs``: the factored layers for
+    ``"structured"``; convolutions are factored only with a ``layerwise`` plan).
 
     Chunking is decided after the structure: factored layers leave the Jacobian features, so the
     budget holds more rows (and fewer chunks are needed).
@@ -346,9 +356,13 @@ def make_plan(
     budget = memory_bytes if memory_bytes is not None else default_memory_bytes(p.devices[0])
     per_device = block // num_devices
     c = p.num_outputs
-    factored = {i for layer in dense for i in layer.leaf_indices}
+    if convs and layerwise is None:
+        raise ValueError("factored convolutions need a layerwise plan")
+    factored = {i for layer in (*dense, *convs) for i in layer.leaf_indices}
     sizes = [(i, int(np.prod(leaf.shape))) for i, leaf in enumerate(p.leaves) if i not in factored]
-    factor_bytes = per_device * itemsize * sum(layer.d_in + c * layer.d_out for layer in dense)
+    factor_size = sum(layer.d_in + c * layer.d_out for layer in dense)
+    factor_size += sum(conv.factor_size(c) for conv in convs)
+    factor_bytes = per_device * itemsize * factor_size
     budget_params = max(0, budget - 3 * factor_bytes) // max(1, 3 * per_device * c * itemsize)
     groups = _leaf_groups(sizes, param_chunk_size, budget_params) if sizes else [()]
     chunked = len(groups) > 1 and p.projection_dim is None
@@ -368,6 +382,8 @@ def make_plan(
         param_groups=tuple(groups),
         dense=tuple(dense),
         chunked=chunked,
+        layerwise=layerwise,
+        convs=tuple(convs),
     )
 
 
@@ -393,10 +409,35 @@ def choose_plan(
     layerwise = problem.layerwise_jacobians()
     if layerwise is None:
         return plan
-    if any(layer.path not in {lw.path for lw in layerwise.layers} for layer in plan.dense):
+    covered = {lw.path for lw in layerwise.layers}
+    if any(layer.path not in covered for layer in plan.dense):
         return plan  # a factored Dense layer the layerwise plan does not cover
     logger.info("eNTK: per-example Jacobians layerwise (%d layers)", len(layerwise.layers))
-    return dataclasses.replace(plan, layerwise=layerwise)
+    plan = dataclasses.replace(plan, layerwise=layerwise)
+    if implementation not in ("auto", "structured") or problem.projection_dim is not None:
+        return plan
+    convs = conv_factors(layerwise, list(problem.leaves), problem.output, problem.num_outputs)
+    if not convs:
+        return plan
+    dense = plan.dense or tuple(
+        layer for layer in problem.dense_layers() if layer.path in covered
+    )  # fmt: skip
+    layout = {"batch_size": batch_size, "memory_bytes": memory_bytes,
+              "param_chunk_size": param_chunk_size}  # fmt: skip
+    factored = make_plan(
+        problem, "structured", dense=dense, convs=convs, layerwise=layerwise, **layout
+    )
+    if implementation == "auto":
+        forward = problem.forward_flops()
+        costs = (plan.cost(forward), factored.cost(forward))
+        logger.info(
+            "eNTK cost model (FLOPs): %s with layerwise Jacobians %.3g, with %d factored "
+            "convolution(s) %.3g",
+            plan.implementation, costs[0], len(convs), costs[1],
+        )  # fmt: skip
+        if costs[1] >= costs[0]:
+            return plan
+    return factored
 
 
 def _choose_layout(

@@ -48,12 +48,13 @@ def features_fn(plan: Plan, group: int) -> Callable:
     """``fn(leaves, keys, x[B, ...]) -> Features`` of parameter group ``group``."""
     p = plan.problem
     dense = plan.dense if group == 0 else ()
+    convs = plan.convs if group == 0 else ()
     leaf_group = plan.param_groups[group]
     key = ("features", *_model_key(p), leaf_group, p.projection_dim, p.projection, dense,
-           plan.layerwise)  # fmt: skip
+           plan.layerwise, convs)  # fmt: skip
     return cached(key, lambda: _features.features_fn(
         p.apply_fn, p.treedef, leaf_group, p.num_outputs, p.projection_dim, p.projection,
-        p.mesh, dense, plan.layerwise,
+        p.mesh, dense, plan.layerwise, convs,
     ))  # fmt: skip
 
 
@@ -61,8 +62,11 @@ def contract_fn(plan: Plan, group: int = 0) -> Callable:
     """``fn(rows: Features, cols: Features) -> block`` for parameter group ``group``."""
     p = plan.problem
     biases = tuple(layer.bias is not None for layer in plan.dense) if group == 0 else ()
-    key = ("contract", p.output, p.precision, p.devices, biases)
-    return cached(key, lambda: _features.contract_fn(p.output, p.precision, p.mesh, biases))
+    conv_biases = tuple(conv.bias is not None for conv in plan.convs) if group == 0 else ()
+    key = ("contract", p.output, p.precision, p.devices, biases, conv_biases)
+    return cached(key, lambda: _features.contract_fn(
+        p.output, p.precision, p.mesh, biases, conv_biases
+    ))  # fmt: skip
 
 
 def projection_keys(problem: Problem) -> jax.Array:
