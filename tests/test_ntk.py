@@ -189,6 +189,20 @@ def test_every_output_mode_and_implementation_equals_brute_force(
     np.testing.assert_allclose(kernel, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
 
 
+def test_products_take_columns_a_few_at_a_time(float64):
+    """Blocks wider than ``PRODUCTS_COLUMNS`` (and not a multiple of it) are mapped in pieces."""
+    from ntklab.ntk._features import PRODUCTS_COLUMNS
+
+    apply_fn, params, shape = multi_output_network("mlp", 2)
+    rng = np.random.default_rng(10)
+    x1 = rng.standard_normal((PRODUCTS_COLUMNS + 5, *shape))
+    x2 = rng.standard_normal((PRODUCTS_COLUMNS + 3, *shape))
+    products = empirical_ntk(apply_fn, params, x1, x2, output="full",
+                             implementation="ntk_vector_products", batch_size=len(x1))  # fmt: skip
+    expected = brute_force_full(apply_fn, params, x1, x2)
+    np.testing.assert_allclose(products, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
 @pytest.mark.slow
 def test_products_equal_contraction_on_a_cnn(float64):
     apply_fn, params, shape = multi_output_network("lenet", 2)

@@ -14,9 +14,9 @@ Files: ``_api`` (empirical_ntk, options), ``_operator`` (KernelOperator, K·V), 
 projection, block contraction), ``_structure`` (which Dense layers are provably factorable),
 ``_schedule`` (problem and plan: blocks, panels, parameter chunks, devices, cost model),
 ``_units`` (compiled sharded per-block pieces and the loops over work units), ``_store`` (in
-memory or checked resumable memmap), ``_layerwise`` (experimental: per-example Jacobians of
-Dense/Conv/BatchNorm layers from output sensitivities; exact, but not used by the engine since it
-measured no faster than ``vmap(jacrev)`` on CPU).
+memory or checked resumable memmap), ``_layerwise`` (per-example Jacobians of Dense/Conv/
+BatchNorm layers from output sensitivities, used on CPU for convolution-dominated models),
+``_conv_factors`` (convolutions factored as patches and sensitivities where that is cheaper).
 """
 
 from ntklab.ntk._api import (

@@ -34,6 +34,8 @@ from ntklab.types import ApplyFn
 
 AXIS = "batch"
 _PROJECTION_CHUNK = 4096  # parameters per generated slice of the random projection map
+PRODUCTS_COLUMNS = 8
+"""NTK-vector products: column examples whose VJP/JVP pairs are vmapped together (memory)."""
 
 
 class Features(NamedTuple):
@@ -384,8 +386,12 @@ def products_fn(apply_fn: ApplyFn, treedef: Any, num_outputs: int, mesh: Mesh) -
             return jax.jvp(lambda p: apply_fn(p, rows), (params,), (tangent,))[1]
 
         basis = jnp.eye(num_outputs, dtype=rows.dtype)
-        per_column = jax.vmap(jax.vmap(column, in_axes=(None, 0)), in_axes=(0, None))
-        values = per_column(cols, basis)  # [B2 local, C (d), B1, C (c)]
+        per_output = jax.vmap(column, in_axes=(None, 0))
+        # Columns a few at a time: vmapped over all of them, XLA holds every column's JVP
+        # activations over the B1 rows at once (45 GB for ResNet-18 at B = 128).
+        values = jax.lax.map(
+            lambda example: per_output(example, basis), cols, batch_size=PRODUCTS_COLUMNS
+        )  # [B2 local, C (d), B1, C (c)]
         return values.transpose(2, 0, 3, 1)  # [B1, B2 local, C, C]
 
     return jax.jit(
