@@ -402,6 +402,11 @@ def choose_plan(
     feature evaluation of the schedule, including row Jacobians recomputed per column block under
     parameter chunking (once per chunk); structured the same with each factored layer's
     d_in·d_out parameters replaced by d_in + c·d_out; NTK-vector products ``2·pairs·C·f``.
+
+    With layerwise Jacobians (CPU, convolution-dominated models), ``"structured"`` and ``"auto"``
+    also factor every covered convolution that ``_conv_factors.conv_factors`` finds cheaper
+    (its F·d_out parameters replaced by S²·(F + c·(d_out + 1)) per pair); ``"auto"`` keeps the
+    plan without them if the model says that is cheaper.
     """
     plan = _choose_layout(problem, implementation, batch_size, memory_bytes, param_chunk_size)
     if plan.implementation == "ntk_vector_products":
