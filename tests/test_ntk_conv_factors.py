@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ntk_layerwise import ConvChain  # convolutions in sequence, then a Dense head
 
 from ntklab.models import build_model, inference_apply_fn, init_variables
 from ntklab.ntk import _conv_factors, _schedule, empirical_ntk
@@ -30,19 +31,6 @@ def factor_everything(monkeypatch):
     """Every eligible convolution is factored and layerwise Jacobians are used for any model."""
     monkeypatch.setattr(_conv_factors, "FACTOR_MAX_RATIO", float("inf"))
     monkeypatch.setattr(_schedule, "LAYERWISE_MIN_CONV_FRACTION", 0.0)
-
-
-class ConvChain(nn.Module):
-    """Convolutions of the given configurations (tanh between), then a Dense head."""
-
-    convs: tuple[dict, ...]
-    num_outputs: int = 3
-
-    @nn.compact
-    def __call__(self, x):
-        for conv in self.convs:
-            x = jnp.tanh(nn.Conv(**conv)(x))
-        return nn.Dense(self.num_outputs)(x.reshape(x.shape[0], -1))
 
 
 CHAINS = {
@@ -123,7 +111,7 @@ CHAIN_OUTPUTS = {"strided_dilated_padded": "full", "circular_reflect_valid_point
 @pytest.mark.parametrize("chain", sorted(CHAINS))
 def test_factored_convolutions_equal_jacrev(chain, factor_everything, float64, caplog):
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 9, 8, 3), jnp.float64)
-    apply_fn, params = network(ConvChain(CHAINS[chain]), x)
+    apply_fn, params = network(ConvChain(CHAINS[chain], num_outputs=3), x)
     output = CHAIN_OUTPUTS[chain]
     with caplog.at_level(logging.INFO, logger="ntklab"):
         kernel = empirical_ntk(
@@ -146,7 +134,7 @@ _schedule.LAYERWISE_MIN_CONV_FRACTION = 0.0
 assert len(jax.devices()) == 2, jax.devices()
 x = jax.random.normal(jax.random.PRNGKey(1), (5, 9, 8, 3), np.float64)
 for chain in sorted(CHAINS)[:1]:
-    apply_fn, params = network(ConvChain(CHAINS[chain]), x)
+    apply_fn, params = network(ConvChain(CHAINS[chain], num_outputs=3), x)
     full = brute_force(apply_fn, params, x)
     for output in ("trace", "full"):  # "diagonal" is contracted by XLA on one device too
         plan = _schedule.choose_plan(
