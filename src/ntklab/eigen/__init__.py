@@ -6,6 +6,7 @@ Dimensions: N examples, P parameters, k eigenpairs, b vectors in a block, m Nyst
     pairs.values, pairs.vectors                       # [k] descending, [N, k] orthonormal
     pairs.residuals, pairs.gaps                       # [k]: ‖Kv − λv‖/λ_1, relative gaps
     pairs.iterations, pairs.passes, pairs.max_residual
+    pairs.unresolved, pairs.num_unresolved, pairs.first_unresolved   # [k] bool: gap <= residual
     pairs = matrix_free_eigenpairs(apply_fn, params, x, 10)          # x [N, H, W, C]; no K [N, N]
     pairs = nystrom_eigenpairs(apply_fn, params, x, 10, num_landmarks=500)   # K [N, m] only
 
@@ -33,9 +34,24 @@ solver. ``nystrom_eigenpairs`` eigendecomposes the Nyström approximation K_nm K
 from m landmark columns of K (from the same operator) and reports its residuals against the true
 kernel.
 
+**The solver table.** ``SOLVER_TABLE`` (``ntklab.eigen._solvers``) names every ``ntk.solver``
+value once, with whether it needs the formed kernel and the one function that runs it:
+``SOLVERS`` = auto, dense, evr, evd, chebyshev, subspace, lanczos, matrix_free, nystrom (choosers,
+LAPACK, iterative over a stored kernel, never forming the kernel); ``KERNEL_SOLVERS`` (the first
+seven) go through :func:`top_eigenpairs`, ``MATRIX_FREE_SOLVERS`` (``matrix_free``, ``nystrom``)
+through :func:`matrix_free_eigenpairs` and :func:`nystrom_eigenpairs`. ``top_eigenpairs(...,
+dtype="float64")`` solves a float32 kernel in float64 (LAPACK on a float64 copy, float64
+products). The host BLAS/LAPACK work of a solve runs under ``ntklab.threads.host_only``, which
+picks the thread count from the idle CPUs; float32 results of near-degenerate pairs depend on
+that count (LeNet CIFAR, k = 1,000, float32 Chebyshev: 387 eigenvectors change >1 % of their
+labels between 1 and 2 threads), float64 solves do not (BENCHMARKS.md, "Eigensolvers: threads,
+float64, kernel regression"). ``METHODS`` are the block methods of ``matrix_free``
+(``method=``), not ``ntk.solver`` values.
+
 Every result carries each pair's residual ‖K v_j − λ_j v_j‖ / λ_1 against the true kernel and its
 relative gap min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1: a pair whose gap is below its residual is
-not resolved individually. Eigenvectors are only defined up to sign; each vector's entry of
+not resolved individually (``Eigenpairs.unresolved``, :func:`unresolved_pairs`,
+:func:`resolution_summary`). Eigenvectors are only defined up to sign; each vector's entry of
 largest magnitude is made positive, which makes the eigenfunction labels (sign(v) + 1) / 2
 reproducible.
 """
@@ -47,25 +63,38 @@ from ntklab.eigen._pairs import (
     max_relative_residual,
     pair_residuals,
     relative_gaps,
+    resolution_summary,
+    unresolved_pairs,
 )
-from ntklab.eigen._stored import (
-    DENSE_MAX_N,
+from ntklab.eigen._solvers import (
+    KERNEL_SOLVERS,
+    MATRIX_FREE_SOLVERS,
+    PRECISIONS,
     PRODUCT_DTYPES,
+    SOLVER_TABLE,
     SOLVERS,
+    KernelSolver,
     Solver,
-    choose_solver,
-    default_oversampling,
+    SolverSpec,
+    resolve_solver,
     top_eigenpairs,
 )
+from ntklab.eigen._stored import DENSE_MAX_N, choose_solver, default_oversampling
 
 __all__ = [
     "DENSE_MAX_N",
+    "KERNEL_SOLVERS",
+    "MATRIX_FREE_SOLVERS",
     "METHODS",
+    "PRECISIONS",
     "PRODUCT_DTYPES",
     "SOLVERS",
+    "SOLVER_TABLE",
     "Eigenpairs",
+    "KernelSolver",
     "Solver",
     "SolverResult",
+    "SolverSpec",
     "choose_solver",
     "default_oversampling",
     "matrix_free_eigenpairs",
@@ -73,5 +102,8 @@ __all__ = [
     "nystrom_eigenpairs",
     "pair_residuals",
     "relative_gaps",
+    "resolution_summary",
+    "resolve_solver",
     "top_eigenpairs",
+    "unresolved_pairs",
 ]

@@ -20,7 +20,7 @@ from typing import Literal
 import jax
 import numpy as np
 
-from ntklab.eigen._iterative import METHODS
+from ntklab.eigen._iterative import METHODS, SolverResult
 from ntklab.eigen._pairs import (
     Eigenpairs,
     MatmatFn,
@@ -102,23 +102,8 @@ def matrix_free_eigenpairs(
       ValueError: an unknown method or implementation (naming the valid choices), k outside its
         range, or a bad option value.
     """
-    _check_implementation(implementation)
-    if method not in METHODS:
-        raise ValueError(
-            f"unknown matrix-free method {method!r}; valid choices: {', '.join(METHODS)}"
-        )
-    _check_positive_int("num_iterations", num_iterations)
-    if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
-        raise ValueError(f"oversampling must be a non-negative integer, got {oversampling!r}")
     n = len(x)
-    _check_num_eigvecs(num_eigvecs, n)
-    if method == "lanczos" and num_eigvecs >= n - 1:
-        raise ValueError(
-            f"method 'lanczos' needs num_eigvecs < N - 1; got num_eigvecs={num_eigvecs}, N={n} "
-            "(use method 'block_krylov')"
-        )
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
+    _check_matrix_free(method, implementation, num_eigvecs, n, oversampling, num_iterations, tol)
     block = min(n, num_eigvecs + oversampling)
     options = {"implementation": implementation, "batch_size": batch_size,
                "memory_bytes": memory_bytes, "devices": devices}  # fmt: skip
@@ -132,40 +117,15 @@ def matrix_free_eigenpairs(
         method, operator.implementation, n, operator.num_params, num_eigvecs, block,
         operator.width, operator.batch_size, tol,
     )  # fmt: skip
-    bar = progress_bar(
-        total=num_iterations,
-        desc=f"matrix-free eigenpairs ({method})",
-        unit="product",
-        enabled=progress and method != "lanczos",
-    )
-    try:
-        result = METHODS[method](
-            operator.matmat,
-            n,
-            num_eigvecs,
-            block=block,
-            num_iterations=num_iterations,
-            tol=tol,
-            rng=np.random.default_rng(seed),
-            report=lambda residual, converged=None: (
-                bar.update(1) if residual is None else bar.update(1, residual=f"{residual:.2e}")
-            ),
-        )
-    finally:
-        bar.close()
-    order = np.argsort(result.values)[::-1]
-    values, vectors = np.asarray(result.values, np.float64)[order], result.vectors[:, order]
-    vectors = vectors * sign_flips(vectors)
-    logger.info(
-        "matrix-free eigenpairs (%s): %d vector products in %d passes over the data, %.2f s",
-        method, operator.num_products, operator.num_passes, operator.seconds,
+    values, vectors, result = _run_method(
+        method, operator, num_eigvecs, block=block, num_iterations=num_iterations, tol=tol,
+        seed=seed, progress=progress,
     )  # fmt: skip
-    checker = operator
     if method == "lanczos" and not operator.cached:  # one pass pair for k vectors, not k pairs
         checker = KernelOperator(apply_fn, params, x, width=num_eigvecs, **options)
-    residuals = _operator_residuals(checker.matmat, values, vectors)
-    passes = operator.num_passes + (checker.num_passes if checker is not operator else 0)
-    logger.info("matrix-free eigenpairs (%s): max relative residual %.2e", method, residuals.max())
+        residuals, passes = _checked_residuals(checker, values, vectors, operator.num_passes)
+    else:
+        residuals, passes = _checked_residuals(operator, values, vectors, 0)
     return Eigenpairs(
         values=values,
         vectors=vectors,
@@ -267,6 +227,81 @@ def nystrom_eigenpairs(
     )
 
 
+def _check_matrix_free(
+    method: str,
+    implementation: str,
+    num_eigvecs: int,
+    n: int,
+    oversampling: int,
+    num_iterations: int,
+    tol: float | None,
+) -> None:
+    """``matrix_free_eigenpairs``' option checks: ValueError naming the bad value."""
+    _check_implementation(implementation)
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown matrix-free method {method!r}; valid choices: {', '.join(METHODS)}"
+        )
+    _check_positive_int("num_iterations", num_iterations)
+    if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
+        raise ValueError(f"oversampling must be a non-negative integer, got {oversampling!r}")
+    _check_num_eigvecs(num_eigvecs, n)
+    if method == "lanczos" and num_eigvecs >= n - 1:
+        raise ValueError(
+            f"method 'lanczos' needs num_eigvecs < N - 1; got num_eigvecs={num_eigvecs}, N={n} "
+            "(use method 'block_krylov')"
+        )
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+
+
+def _run_method(
+    method: str,
+    operator: KernelOperator,
+    num_eigvecs: int,
+    *,
+    block: int,
+    num_iterations: int,
+    tol: float,
+    seed: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, SolverResult]:
+    """Runs ``METHODS[method]`` on the operator's products with a progress bar over them.
+
+    Returns:
+      values [k] descending (float64), vectors [N, k] (largest-magnitude entry positive) and the
+      method's result.
+    """
+    bar = progress_bar(
+        total=num_iterations,
+        desc=f"matrix-free eigenpairs ({method})",
+        unit="product",
+        enabled=progress and method != "lanczos",
+    )
+    try:
+        result = METHODS[method](
+            operator.matmat,
+            operator.num_examples,
+            num_eigvecs,
+            block=block,
+            num_iterations=num_iterations,
+            tol=tol,
+            rng=np.random.default_rng(seed),
+            report=lambda residual, converged=None: (
+                bar.update(1) if residual is None else bar.update(1, residual=f"{residual:.2e}")
+            ),
+        )
+    finally:
+        bar.close()
+    order = np.argsort(result.values)[::-1]
+    values, vectors = np.asarray(result.values, np.float64)[order], result.vectors[:, order]
+    logger.info(
+        "matrix-free eigenpairs (%s): %d vector products in %d passes over the data, %.2f s",
+        method, operator.num_products, operator.num_passes, operator.seconds,
+    )  # fmt: skip
+    return values, vectors * sign_flips(vectors), result
+
+
 def _check_implementation(implementation: str) -> None:
     if implementation not in OPERATOR_IMPLEMENTATIONS:
         raise ValueError(
@@ -289,6 +324,16 @@ def _check_num_eigvecs(num_eigvecs: int, n: int) -> None:
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _checked_residuals(
+    checker: KernelOperator, values: np.ndarray, vectors: np.ndarray, earlier_passes: int
+) -> tuple[np.ndarray, int]:
+    """True residuals [k] of the pairs by one product of ``checker``, and all passes over the
+    data (``checker``'s plus ``earlier_passes`` of another operator), with a log line."""
+    residuals = _operator_residuals(checker.matmat, values, vectors)
+    logger.info("matrix-free eigenpairs: max relative residual %.2e", residuals.max())
+    return residuals, checker.num_passes + earlier_passes
 
 
 def _operator_residuals(matmat: MatmatFn, values: np.ndarray, vectors: np.ndarray) -> np.ndarray:

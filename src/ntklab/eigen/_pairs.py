@@ -5,6 +5,7 @@ Dimensions: N examples, k eigenpairs.
     pairs.values, pairs.vectors          # [k] descending, [N, k] orthonormal
     pair_residuals(kernel, values, vectors)   # [k]: ‖K v_j − λ_j v_j‖ / λ_1, float64
     relative_gaps(values, next_value)         # [k]: min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1
+    unresolved_pairs(residuals, gaps)         # [k] bool: gap <= residual
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class Eigenpairs:
     Attributes:
       values: eigenvalues [k], descending, float64.
       vectors: orthonormal eigenvectors [N, k], column j belongs to ``values[j]``.
-      solver: the solver that produced them: ``"evr"``, ``"evd"``, ``"subspace"``, ``"lanczos"``,
-        ``"nystrom"`` or ``"matrix_free:<method>"``.
+      solver: the solver that produced them: ``"evr"``, ``"evd"``, ``"chebyshev"``,
+        ``"subspace"``, ``"lanczos"``, ``"nystrom"`` or ``"matrix_free:<method>"``.
       residuals: ‖K v_j − λ_j v_j‖ / λ_1 of every pair [k] against the true kernel, float64.
       gaps: relative gap of every pair [k], min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1 (one-sided
         for j = 1; for j = k against the next eigenvalue when the solver knows it, else one-sided).
@@ -56,8 +57,24 @@ class Eigenpairs:
         """max_j ‖K v_j − λ_j v_j‖ / λ_1."""
         return float(np.max(self.residuals))
 
+    @property
+    def unresolved(self) -> np.ndarray:
+        """bool [k]: pairs whose gap is at most their residual (:func:`unresolved_pairs`)."""
+        return unresolved_pairs(self.residuals, self.gaps)
+
+    @property
+    def num_unresolved(self) -> int:
+        """How many pairs are not resolved individually."""
+        return int(np.sum(self.unresolved))
+
+    @property
+    def first_unresolved(self) -> int | None:
+        """Index (0-based) of the first unresolved pair, None when every pair is resolved."""
+        return resolution_summary(self.residuals, self.gaps)["first_unresolved"]
+
     def summary(self) -> dict[str, object]:
-        """JSON-ready scalars for ``meta.json``: solver, k, iterations, passes, residual, gap."""
+        """JSON-ready scalars for ``meta.json``: solver, k, iterations, passes, residual, gap,
+        and the unresolved pairs' count and first index (:func:`resolution_summary`)."""
         return {
             "solver": self.solver,
             "num_eigvecs": len(self.values),
@@ -65,8 +82,54 @@ class Eigenpairs:
             "passes": int(self.passes),
             "max_residual": self.max_residual,
             "min_gap": float(np.min(self.gaps)),
-            "num_unresolved": int(np.sum(self.gaps <= self.residuals)),
+            **resolution_summary(self.residuals, self.gaps),
         }
+
+
+def unresolved_pairs(residuals: np.ndarray, gaps: np.ndarray, *, margin: float = 1.0) -> np.ndarray:
+    """Which eigenpairs are not resolved individually: gap_j <= margin · residual_j.
+
+    A pair whose relative gap min(λ_{j−1} − λ_j, λ_j − λ_{j+1}) / λ_1 is not above its residual
+    ‖K v_j − λ_j v_j‖ / λ_1 is, as far as the solve can tell, a member of a (near-)degenerate
+    eigenspace: only the span of its cluster is determined, and its vector, hence its labels
+    sign(v_j), depend on the solver. Equality counts as unresolved, so an exactly repeated
+    eigenvalue is unresolved even with a zero residual. The test is necessary, not sufficient:
+    Davis–Kahan bounds the vector's angle by residual / gap, so a pair with gap = 10 · residual
+    can still turn by ~0.1 rad and flip the labels of its near-zero entries (LeNet CIFAR kernel,
+    k = 1,000 by float32 Chebyshev: ``margin=1`` flags 402 of the 507 eigenvectors whose labels
+    differ on more than 1 % of the samples from the exact ones, ``margin=30`` all 507;
+    BENCHMARKS.md, "Eigensolvers: threads, float64, kernel regression").
+
+    Args:
+      residuals: ‖K v_j − λ_j v_j‖ / λ_1 [k] (``eigen_residuals.npy``).
+      gaps: relative gaps [k] (``eigen_gaps.npy``).
+      margin: flag gaps up to this multiple of the residual (1: the plain test).
+
+    Returns:
+      mask [k], bool.
+
+    Raises:
+      ValueError: the shapes differ or are not one-dimensional, or margin is not positive.
+    """
+    residuals, gaps = np.asarray(residuals, np.float64), np.asarray(gaps, np.float64)
+    if residuals.ndim != 1 or residuals.shape != gaps.shape:
+        raise ValueError(
+            f"residuals and gaps must be [k] of one length, got shapes {residuals.shape} and "
+            f"{gaps.shape}"
+        )
+    if not margin > 0:
+        raise ValueError(f"margin={margin!r} is invalid: must be positive")
+    return gaps <= margin * residuals
+
+
+def resolution_summary(
+    residuals: np.ndarray, gaps: np.ndarray, *, margin: float = 1.0
+) -> dict[str, int | None]:
+    """``{"num_unresolved": count, "first_unresolved": first index or None}`` of
+    :func:`unresolved_pairs` (JSON-ready; indices 0-based, eigenvalues descending)."""
+    mask = unresolved_pairs(residuals, gaps, margin=margin)
+    first = int(np.argmax(mask)) if mask.any() else None
+    return {"num_unresolved": int(mask.sum()), "first_unresolved": first}
 
 
 def sign_flips(vectors: np.ndarray) -> np.ndarray:

@@ -1,18 +1,24 @@
-"""Top-k eigenpairs of a stored kernel (an array or a ``.npy`` memmap): LAPACK, Chebyshev-filtered
-or plain subspace iteration, or ARPACK.
+"""One function per eigensolver of a stored kernel (an array or a ``.npy`` memmap), and the two
+choosers ``auto`` and ``dense``. The table that names them is ``ntklab.eigen._solvers``.
 
 Dimensions: N examples, k eigenpairs, b = k + oversampling vectors in the block.
 
-    pairs = top_eigenpairs(kernel, num_eigvecs=1000)   # kernel [N, N]; solver="auto"
-    pairs.values, pairs.vectors, pairs.residuals, pairs.gaps   # [k], [N, k], [k], [k]
+    f32 = np.dtype("float32")
+    problem = KernelProblem(kernel, 1000, dtype=f32, product_dtype=f32)   # kernel [N, N]
+    solution = solve_chebyshev(problem)      # values [k] descending, vectors [N, k], next_value
+    choose_solver(6102, 1000, 4)             # "chebyshev": what solver="auto" runs
+
+Every ``solve_*`` takes a :class:`KernelProblem` (checked by ``top_eigenpairs``) and returns a
+:class:`Solution`; signs, residuals and gaps are added by the dispatcher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from typing import Literal
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -20,22 +26,10 @@ import scipy.sparse.linalg
 
 from ntklab.eigen._chebyshev import chebyshev_subspace_iteration
 from ntklab.eigen._iterative import subspace_iteration
-from ntklab.eigen._pairs import (
-    Eigenpairs,
-    pair_residuals,
-    relative_gaps,
-    residuals_from_products,
-    rows_per_panel,
-    sign_flips,
-)
+from ntklab.eigen._pairs import rows_per_panel
 from ntklab.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-
-Solver = Literal["auto", "dense", "evr", "evd", "chebyshev", "subspace", "lanczos"]
-SOLVERS: tuple[str, ...] = ("auto", "dense", "evr", "evd", "chebyshev", "subspace", "lanczos")
-ProductDtype = Literal["auto", "float32", "float64"]
-PRODUCT_DTYPES: tuple[str, ...] = ("auto", "float32", "float64")
 
 DENSE_MAX_N = 5000
 """``solver="auto"``: LAPACK up to this N (if the kernel's float copy and workspace fit in RAM),
@@ -48,10 +42,60 @@ DENSE_MEMORY_FRACTION = 0.5
 """LAPACK needs about 3 N² words (the matrix copy, the eigenvectors, workspace); ``auto`` uses it
 only while that fits in this fraction of the host RAM."""
 
-
 CHEBYSHEV_DEGREE = 3
 """Filter degree of ``solver="chebyshev"`` (products per outer iteration): 8 products in all on
 LeNet at N = 6,102, k = 1,000; degree 2 needed as many products and one more outer iteration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelProblem:
+    """A checked request for the top eigenpairs of a stored kernel.
+
+    Attributes:
+      kernel: symmetric PSD matrix [N, N] (an array or a ``np.memmap``).
+      num_eigvecs: k, 1 <= k <= N.
+      dtype: the working precision of LAPACK and of Lanczos' products (float32 or float64).
+      product_dtype: the dtype of the products K X and the block of ``chebyshev``/``subspace``.
+      tol: the iterative solvers' tolerance on ‖K v − λ v‖ / λ_1 (None: their default).
+      seed: seeds the random starting block or vector.
+      oversampling: block vectors beyond k (None: :func:`default_oversampling`).
+      num_iterations: most outer iterations (ARPACK: restarts are not capped by it).
+      progress: show a progress bar over the iterations.
+    """
+
+    kernel: np.ndarray
+    num_eigvecs: int
+    dtype: np.dtype
+    product_dtype: np.dtype
+    tol: float | None = None
+    seed: int = 0
+    oversampling: int | None = None
+    num_iterations: int = 100
+    progress: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.kernel.shape[0]
+
+
+class Solution(NamedTuple):
+    """What a stored-kernel solver returns, before signs, residuals and gaps.
+
+    Attributes:
+      values: eigenvalues [k], descending.
+      vectors: eigenvectors [N, k].
+      next_value: λ_{k+1} when the solver knows it (the last pair's gap), else None.
+      iterations: outer iterations (0 for LAPACK; products for ARPACK).
+      passes: passes over the kernel by products (LAPACK: 1).
+      products: K vectors [N, k] from the solver's last products, if it keeps them.
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray
+    next_value: float | None
+    iterations: int
+    passes: int
+    products: np.ndarray | None = None
 
 
 def default_oversampling(num_eigvecs: int, n: int) -> int:
@@ -75,208 +119,121 @@ def choose_solver(n: int, num_eigvecs: int, itemsize: int, *, ram_bytes: int | N
     return "chebyshev"
 
 
-def top_eigenpairs(
-    kernel: np.ndarray,
-    num_eigvecs: int,
-    *,
-    solver: Solver = "auto",
-    tol: float | None = None,
-    seed: int = 0,
-    oversampling: int | None = None,
-    num_iterations: int = 100,
-    product_dtype: ProductDtype = "auto",
-    verify: bool = True,
-    progress: bool = False,
-) -> Eigenpairs:
-    """Computes the ``num_eigvecs`` largest eigenpairs of a symmetric PSD kernel.
+def choose_dense(n: int, num_eigvecs: int, itemsize: int, *, ram_bytes: int | None = None) -> str:
+    """``solver="dense"``: LAPACK whatever the size, ``"evd"`` when k > N / 2 or k >= N − 1,
+    else ``"evr"`` (``itemsize`` and ``ram_bytes`` are unused: the same signature as
+    :func:`choose_solver`)."""
+    return "evd" if num_eigvecs >= n - 1 or 2 * num_eigvecs > n else "evr"
 
-    Args:
-      kernel: symmetric matrix [N, N] (float32 or float64; a ``np.memmap`` is streamed in row
-        panels by ``chebyshev``, ``subspace`` and ``lanczos`` and never loaded whole).
-      num_eigvecs: number of eigenpairs k, 1 <= k <= N.
-      solver: ``"evr"`` (LAPACK ``syevr`` on the top-k index subset, MRRR), ``"evd"`` (LAPACK
-        divide and conquer, all N pairs), ``"dense"`` (whichever of the two ``auto`` would take),
-        ``"chebyshev"`` (subspace iteration whose block is multiplied by a degree-3 Chebyshev
-        filter between Rayleigh–Ritz steps, with locking: large GEMMs over the stored kernel,
-        several times fewer than plain), ``"subspace"`` (plain blocked subspace iteration with
-        Rayleigh–Ritz and soft locking), ``"lanczos"`` (ARPACK ``eigsh``: matrix-vector products), or
-        ``"auto"`` (:func:`choose_solver`).
-      tol: iterative solvers stop once every ‖K v_j − λ_j v_j‖ / λ_1 < tol (``lanczos``: ARPACK's
-        relative tolerance). None: 5e-6 for ``chebyshev``/``subspace`` with float32 products, 1e-10 with
-        float64 products, 0 (machine precision) for ``lanczos``.
-      seed: seeds the random starting block (iterative solvers).
-      oversampling: block vectors beyond k for ``chebyshev`` (at least 1) and ``subspace``
-        (None: ``default_oversampling``).
-      num_iterations: most outer iterations of ``chebyshev``/``subspace`` (or ARPACK restarts).
-      product_dtype: dtype of the products K X in ``chebyshev``/``subspace`` (``chebyshev`` also
-        keeps its block in it): ``"float32"`` (a float32 GEMM,
-        about 2× faster; residuals reach ~1e-6 of λ_1), ``"float64"``, or ``"auto"`` (the
-        kernel's dtype; float32 for a float16 kernel).
-      verify: measure every pair's residual in float64 with one more pass over the kernel
-        (otherwise ``chebyshev``/``subspace`` report the residuals of their own last products).
-      progress: show a progress bar over the iterations (converged pairs, residual).
 
-    Returns:
-      The eigenpairs (values descending, float64) with per-pair residuals and gaps, the
-      iterations and the passes over the kernel.
+def solve_evr(problem: KernelProblem) -> Solution:
+    """LAPACK ``syevr`` (MRRR) on the top k + 1 index subset, in ``problem.dtype``."""
+    return _lapack_top(problem, "evr")
 
-    Raises:
-      ValueError: a non-square kernel, k outside [1, N], or an unknown option.
-    """
-    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
-        raise ValueError(f"kernel must be square [N, N], got shape {kernel.shape}")
-    n = kernel.shape[0]
-    if isinstance(num_eigvecs, bool) or not isinstance(num_eigvecs, int | np.integer):
-        raise ValueError(f"num_eigvecs must be an integer, got {num_eigvecs!r}")
-    if not 1 <= num_eigvecs <= n:
-        raise ValueError(
-            f"num_eigvecs={num_eigvecs} must be between 1 and N={n} (number of samples)"
-        )
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown eigensolver {solver!r}; valid choices: {', '.join(SOLVERS)}")
-    if product_dtype not in PRODUCT_DTYPES:
-        raise ValueError(
-            f"unknown product_dtype {product_dtype!r}; valid choices: {', '.join(PRODUCT_DTYPES)}"
-        )
-    if oversampling is not None and (
-        isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0
-    ):
-        raise ValueError(f"oversampling must be a non-negative integer, got {oversampling!r}")
-    if (
-        isinstance(num_iterations, bool)
-        or not isinstance(num_iterations, int)
-        or num_iterations < 1
-    ):
-        raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}")
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
-    requested = solver
-    if solver in ("auto", "dense"):
-        solver = choose_solver(n, num_eigvecs, kernel.dtype.itemsize)
-        if requested == "dense" and solver == "chebyshev":
-            solver = "evd" if 2 * num_eigvecs > n else "evr"
-    if solver in ("lanczos", "subspace", "chebyshev") and num_eigvecs >= n - 1:
-        logger.info("%s needs k < N - 1; using LAPACK for k=%d, N=%d", solver, num_eigvecs, n)
-        solver = "evd"
-    tic = time.perf_counter()
-    logger.info(
-        "top %d eigenpairs of a %s kernel [%d, %d]%s by %s",
-        num_eigvecs,
-        kernel.dtype,
-        n,
-        n,
-        " (memmap)" if isinstance(kernel, np.memmap) else "",
-        solver,
+
+def solve_evd(problem: KernelProblem) -> Solution:
+    """LAPACK ``syevd`` (divide and conquer, all N pairs), in ``problem.dtype``."""
+    return _lapack_top(problem, "evd")
+
+
+def solve_lanczos(problem: KernelProblem) -> Solution:
+    """ARPACK ``eigsh`` (implicitly restarted Lanczos) over row-panel products in
+    ``problem.dtype``; ``tol`` is ARPACK's relative tolerance (None: machine precision)."""
+    n = problem.n
+    matmat, counter = _panel_matmat(problem.kernel, problem.dtype)
+    operator = scipy.sparse.linalg.LinearOperator(
+        (n, n),
+        matvec=lambda v: matmat(v.reshape(n, 1)).ravel(),
+        matmat=matmat,
+        dtype=np.float64,
     )
-    products = None
-    if solver in ("evr", "evd"):
-        values, vectors, next_value = _lapack_top(kernel, num_eigvecs, solver)
-        iterations, passes = 0, 1
-    elif solver == "lanczos":
-        matmat, counter = _panel_matmat(kernel, _working_dtype(kernel))
-        operator = scipy.sparse.linalg.LinearOperator(
-            (n, n),
-            matvec=lambda v: matmat(v.reshape(n, 1)).ravel(),
-            matmat=matmat,
-            dtype=np.float64,
-        )
-        start = np.random.default_rng(seed).standard_normal(n)
-        values, vectors = scipy.sparse.linalg.eigsh(
-            operator, k=num_eigvecs, which="LA", tol=0.0 if tol is None else tol, v0=start
-        )
-        order = np.argsort(values)[::-1]
-        values, vectors, next_value = values[order], vectors[:, order], None
-        iterations, passes = counter["products"], counter["products"]
-    else:
-        dtype = np.dtype(_working_dtype(kernel) if product_dtype == "auto" else product_dtype)
-        if tol is None:
-            tol = 5e-6 if dtype == np.float32 else 1e-10
-        if oversampling is None:
-            oversampling = default_oversampling(num_eigvecs, n)
-        chebyshev = solver == "chebyshev"
-        block = min(n, num_eigvecs + (max(1, oversampling) if chebyshev else oversampling))
-        matmat, counter = _panel_matmat(kernel, dtype, result_dtype=dtype if chebyshev else None)
-        name = "Chebyshev subspace iteration" if chebyshev else "subspace iteration"
-        bar = progress_bar(total=num_iterations, desc=name, unit="iter", enabled=progress)
-        started = time.perf_counter()
+    start = np.random.default_rng(problem.seed).standard_normal(n)
+    values, vectors = scipy.sparse.linalg.eigsh(
+        operator,
+        k=problem.num_eigvecs,
+        which="LA",
+        tol=0.0 if problem.tol is None else problem.tol,
+        v0=start,
+    )
+    order = np.argsort(values)[::-1]
+    products = counter["products"]
+    return Solution(values[order], vectors[:, order], None, products, products)
 
-        def report(residual: float | None, converged: int | None = None) -> None:
-            bar.update(1, converged=f"{converged}/{num_eigvecs}", residual=f"{residual:.1e}")
-            logger.info(
-                "%s: %d products, %d/%d pairs converged, max residual %.2e (tol %.0e), %.1f s",
-                name,
-                counter["products"],
-                converged,
-                num_eigvecs,
-                residual,
-                tol,
-                time.perf_counter() - started,
-            )
 
+def solve_chebyshev(problem: KernelProblem) -> Solution:
+    """Chebyshev-filtered subspace iteration (degree ``CHEBYSHEV_DEGREE``) with locking."""
+    return _block_iteration(problem, chebyshev=True)
+
+
+def solve_subspace(problem: KernelProblem) -> Solution:
+    """Plain blocked subspace iteration with Rayleigh–Ritz and soft locking."""
+    return _block_iteration(problem, chebyshev=False)
+
+
+def _block_iteration(problem: KernelProblem, *, chebyshev: bool) -> Solution:
+    """``chebyshev`` or ``subspace`` over products K X in ``problem.product_dtype``, streamed
+    over row panels (tol None: 5e-6 with float32 products, 1e-10 with float64)."""
+    n, k, dtype = problem.n, problem.num_eigvecs, problem.product_dtype
+    tol = problem.tol
+    if tol is None:
+        tol = 5e-6 if dtype == np.float32 else 1e-10
+    oversampling = problem.oversampling
+    if oversampling is None:
+        oversampling = default_oversampling(k, n)
+    block = min(n, k + (max(1, oversampling) if chebyshev else oversampling))
+    matmat, counter = _panel_matmat(
+        problem.kernel, dtype, result_dtype=dtype if chebyshev else None
+    )
+    name = "Chebyshev subspace iteration" if chebyshev else "subspace iteration"
+    bar = progress_bar(
+        total=problem.num_iterations, desc=name, unit="iter", enabled=problem.progress
+    )
+    started = time.perf_counter()
+
+    def report(residual: float | None, converged: int | None = None) -> None:
+        bar.update(1, converged=f"{converged}/{k}", residual=f"{residual:.1e}")
         logger.info(
-            "%s: block of %d vectors (k=%d + %d)%s, %s products over %d-row panels",
-            name,
-            block,
-            num_eigvecs,
-            block - num_eigvecs,
-            f", filter degree {CHEBYSHEV_DEGREE}" if chebyshev else "",
-            dtype,
-            counter["panel_rows"],
-        )
-        options = dict(
-            block=block,
-            num_iterations=num_iterations,
-            tol=tol,
-            rng=np.random.default_rng(seed),
-            report=report,
-        )
-        try:
-            if chebyshev:
-                result = chebyshev_subspace_iteration(
-                    matmat, n, num_eigvecs, degree=CHEBYSHEV_DEGREE, dtype=dtype, **options
-                )
-            else:
-                result = subspace_iteration(matmat, n, num_eigvecs, **options)
-        finally:
-            bar.close()
-        values, vectors, next_value = result.values, result.vectors, result.next_value
-        products, iterations, passes = result.products, result.iterations, counter["products"]
-    values = np.asarray(values, dtype=np.float64)
-    signs = sign_flips(np.asarray(vectors))
-    vectors = np.asarray(vectors) * signs
-    if verify or products is None:
-        residuals = pair_residuals(kernel, values, vectors)
-        passes += 1
-    else:
-        residuals = residuals_from_products(products * signs, values, vectors)
-    gaps = relative_gaps(values, next_value)
+            "%s: %d products, %d/%d pairs converged, max residual %.2e (tol %.0e), %.1f s",
+            name, counter["products"], converged, k, residual, tol,
+            time.perf_counter() - started,
+        )  # fmt: skip
+
     logger.info(
-        "%s: %d eigenpairs in %.2f s, %d iterations, %d passes over the kernel, max residual %.2e",
-        solver,
-        num_eigvecs,
-        time.perf_counter() - tic,
-        iterations,
-        passes,
-        residuals.max(),
+        "%s: block of %d vectors (k=%d + %d)%s, %s products over %d-row panels",
+        name, block, k, block - k,
+        f", filter degree {CHEBYSHEV_DEGREE}" if chebyshev else "", dtype, counter["panel_rows"],
+    )  # fmt: skip
+    options = dict(
+        block=block,
+        num_iterations=problem.num_iterations,
+        tol=tol,
+        rng=np.random.default_rng(problem.seed),
+        report=report,
     )
-    return Eigenpairs(
-        values=values,
-        vectors=vectors,
-        solver=solver,
-        residuals=residuals,
-        gaps=gaps,
-        iterations=iterations,
-        passes=passes,
+    try:
+        if chebyshev:
+            result = chebyshev_subspace_iteration(
+                matmat, n, k, degree=CHEBYSHEV_DEGREE, dtype=dtype, **options
+            )
+        else:
+            result = subspace_iteration(matmat, n, k, **options)
+    finally:
+        bar.close()
+    return Solution(
+        values=result.values,
+        vectors=result.vectors,
+        next_value=result.next_value,
+        iterations=result.iterations,
+        passes=counter["products"],
+        products=result.products,
     )
 
 
-def _lapack_top(
-    kernel: np.ndarray, k: int, driver: str
-) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """Top-k eigenpairs [k], [N, k] (descending) and λ_{k+1} (None if k = N) by LAPACK, in the
-    kernel's precision (float32 kernels use ssyev*)."""
-    n = kernel.shape[0]
-    matrix = np.asarray(kernel, dtype=_working_dtype(kernel))
+def _lapack_top(problem: KernelProblem, driver: str) -> Solution:
+    """Top-k eigenpairs [k], [N, k] (descending) and λ_{k+1} (None if k = N) by LAPACK, in
+    ``problem.dtype`` (a float32 solve uses ssyev*)."""
+    n, k = problem.n, problem.num_eigvecs
+    matrix = np.asarray(problem.kernel, dtype=problem.dtype)
     wanted = min(n, k + 1)  # one more for the last pair's gap
     if driver == "evr":
         values, vectors = scipy.linalg.eigh(
@@ -286,10 +243,10 @@ def _lapack_top(
         values, vectors = scipy.linalg.eigh(matrix, driver="evd", check_finite=False)
     values, vectors = values[::-1][:wanted], vectors[:, ::-1][:, :wanted]
     next_value = float(values[k]) if wanted > k else None
-    return values[:k], np.ascontiguousarray(vectors[:, :k]), next_value
+    return Solution(values[:k], np.ascontiguousarray(vectors[:, :k]), next_value, 0, 1)
 
 
-def _working_dtype(kernel: np.ndarray) -> np.dtype:
+def working_dtype(kernel: np.ndarray) -> np.dtype:
     """The kernel's dtype, or float32 for a float16 kernel (LAPACK and GEMMs need >= float32)."""
     return np.dtype(np.float32) if kernel.dtype.itemsize < 4 else np.dtype(kernel.dtype)
 
