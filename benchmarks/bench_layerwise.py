@@ -7,7 +7,8 @@ Dimensions: N examples, B examples per block.
 
 Inputs are CIFAR-shaped standard-normal [N, 32, 32, 3] (the timing does not depend on the image
 content). Each repeat times ``empirical_ntk`` once with ``NTKLAB_LAYERWISE=1`` (the default: on a
-CPU, layerwise Jacobians for models with a covered convolution) and once with ``0``
+CPU, layerwise Jacobians for convolution-dominated models such as ResNet-18, and for models like
+LeNet with the convolutions' Jacobians formed on the host) and once with ``0``
 (``vmap(jacrev)``), after a compiling warm-up on one block; the two kernels are compared. Prints a
 Markdown table of the per-repeat times, the medians, their ratio and the load average.
 """

@@ -6,7 +6,12 @@ For each model, N and implementation it times the scalar-output kernel [N, N] (a
 small N that compiles the same block shapes) and prints a Markdown table of seconds, seconds per
 entry, achieved FLOP/s against the FLOP floor (2·P per entry, P·N(N+1) for the symmetric kernel)
 and against the matmul rate measured at startup, peak memory, and the max relative difference to
-ntklab's kernel. Run ``python benchmarks/bench_ntk.py --help``; see benchmarks/README.md.
+ntklab's kernel. For ntklab it also splits the time (its Jacobian phase, one batched forward +
+backward of the same blocks, the ideal contraction; their floor = fwd+bwd + ideal contraction,
+and total ÷ floor) and, with several models, times every ntklab case again alone in a fresh
+process beside its time after the models before it in this one (the sequence table), so a
+slowdown an earlier model leaves behind cannot hide. Run ``python benchmarks/bench_ntk.py
+--help``; see benchmarks/README.md.
 
     python benchmarks/bench_ntk.py --models lenet --sizes 2000 --impls ntklab,torch_jac
 """
@@ -40,6 +45,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import common
 
+from ntklab import threads
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
 from ntklab.ntk import empirical_ntk
 
@@ -141,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run every case in a fresh child process (clean per-case peaks, survives OOM kills)",
     )
     parser.add_argument("--no-breakdown", action="store_true", help="skip ntklab's time split")
+    parser.add_argument(
+        "--no-sequence",
+        action="store_true",
+        help="skip the sequence check: with several models, every ntklab case is also run alone "
+        "in a fresh process and compared with its time after the models before it in this one",
+    )
     parser.add_argument("--floor-only", action="store_true", help="print the matmul rates and exit")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="show ntklab's INFO logs")
@@ -528,16 +540,17 @@ def ntklab_breakdown(
     """Seconds of the engine's own per-block features of all N examples, each block once.
 
     Lays out the same plan as the timed run (``_schedule.choose_plan`` with the same keywords:
-    layerwise Jacobians, factored layers, parameter chunks) and times its compiled feature
-    functions (``_units.features_fn``) on every block, compiled beforehand; the rest of
+    layerwise Jacobians, factored layers, host-formed convolutions, parameter chunks) and times
+    its finished block features (``_units.block_features``: XLA's feature functions, compiled
+    beforehand, then the host's part), one block after the other (no overlap); the rest of
     ntklab's time is contraction, host copies, mirroring and compilation. Also returns the
     plan's contraction FLOPs (factored layers counted by their factored cost).
     """
-    from ntklab.ntk import _schedule, _units
+    from ntklab.ntk import _problem, _schedule, _units
 
     kwargs = engine_kwargs(variant, args.precision, args.devices)
     devices = kwargs.get("devices")
-    problem = _schedule.make_problem(
+    problem = _problem.make_problem(
         ctx.apply_fn, ctx.params, x, x, symmetric=True, output="trace",
         precision=kwargs.get("precision", "float32"), projection_dim=None,
         projection="rademacher", projection_seed=0,
@@ -549,16 +562,13 @@ def ntklab_breakdown(
     )  # fmt: skip
     if plan.implementation == "ntk_vector_products":
         return {}
-    leaves, keys = list(problem.leaves), _units.projection_keys(problem)
-    functions = [_units.features_fn(plan, g) for g in range(len(plan.param_groups))]
+    leaves = list(problem.leaves)
     first = problem.put_block(x, plan.row_slices[0], plan.block)
-    for fn in functions:
-        jax.block_until_ready(fn(leaves, keys, first))
+    jax.block_until_ready(_units.block_features(plan, x, plan.row_slices[0]))
     start = time.perf_counter()
-    for rows in plan.row_slices:
-        block = problem.put_block(x, rows, plan.block)
-        for fn in functions:
-            jax.block_until_ready(fn(leaves, keys, block))
+    with threads.beside_xla():  # as in the engine's run
+        for rows in plan.row_slices:
+            jax.block_until_ready(_units.block_features(plan, x, rows))
     jacobian_seconds = time.perf_counter() - start
     # The floor the issue names: one batched forward + backward (gradient of the summed outputs
     # wrt all parameters) per block of B examples.
@@ -700,6 +710,8 @@ def breakdown_table(results: list[dict], rates: dict) -> str:
         "rest GFLOP/s",
         "rest % peak B×P",
         "ideal contraction s",
+        "floor s",
+        "total ÷ floor",
     ]
     rows = []
     for r in results:
@@ -713,6 +725,7 @@ def breakdown_table(results: list[dict], rates: dict) -> str:
         rate = rates[r["model"]]["flops_per_s"]
         pairs = b["blocks"] * (b["blocks"] + 1) / 2
         ideal = b.get("contraction_flops", pairs * 2 * b["block"] ** 2 * p) / rate
+        fwd_bwd = b.get("forward_backward_seconds")
         rows.append(
             [
                 r["model"],
@@ -732,8 +745,31 @@ def breakdown_table(results: list[dict], rates: dict) -> str:
                 common.fmt(floor / rest / 1e9 if rest > 0 else None, ".1f"),
                 common.fmt(100 * floor / rest / rate if rest > 0 else None, ".0f"),
                 f"{ideal:.3f}",
+                common.fmt(ideal + fwd_bwd if fwd_bwd else None, ".3f"),
+                common.fmt(total / (ideal + fwd_bwd) if fwd_bwd else None, ".2f"),
             ]
         )
+    return common.markdown_table(columns, rows)
+
+
+def sequence_table(results: list[dict], alone: dict[tuple, dict]) -> str:
+    """Each ntklab case as run in this process (after the models before it) beside the same case
+    alone in a fresh process."""
+    columns = ["model", "N", "impl", "in this process after", "seconds", "alone s", "÷ alone"]
+    rows, before = [], []
+    for r in results:
+        key = (r["model"], r["n"], r["impl"])
+        if key in alone:
+            single = alone[key].get("seconds")
+            ratio = r["seconds"] / single if single and r.get("seconds") else None
+            rows.append([
+                r["model"], r["n"], r["impl"], ", ".join(before) or "nothing (first)",
+                common.fmt(r.get("seconds"), ".3f"),
+                common.fmt(single, ".3f") if single else alone[key].get("error", "—"),
+                common.fmt(ratio, ".2f"),
+            ])  # fmt: skip
+        if not before or before[-1] != r["model"]:
+            before.append(r["model"])
     return common.markdown_table(columns, rows)
 
 
@@ -866,6 +902,16 @@ def main(argv: list[str] | None = None) -> None:
                         os.remove(path)
                 results += case_results
 
+    alone = {}
+    if not args.no_sequence and not args.isolate and len(args.models) > 1:
+        for r in results:
+            if r["impl"].startswith("ntklab") and "seconds" in r:
+                spec = {"model": r["model"], "n": r["n"], "impl": r["impl"], "kernel_path": None,
+                        "breakdown": False}  # fmt: skip
+                print(f"running {r['model']} N={r['n']} {r['impl']} alone (fresh process) ...",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                alone[(r["model"], r["n"], r["impl"])] = run_case_isolated(spec, child_argv)
+
     gpu = jax.devices()[0].platform != "cpu" or args.torch_device == "cuda"
     print(table(results, rates, gpu))
     if any("breakdown" in r for r in results):
@@ -874,13 +920,26 @@ def main(argv: list[str] | None = None) -> None:
             "timed run; Jacobians: the engine's own plan's block features of all N examples "
             "once, precompiled; batched fwd+bwd: the gradient of the summed outputs of the same "
             "blocks wrt all parameters; rest = total - compile - Jacobians: contraction, host copies "
-            "and mirroring; ideal contraction: the plan's contraction FLOPs (factored layers at "
-            "their factored cost) at the measured B×P matmul rate):\n"
+            "and mirroring (negative where the host's work overlaps XLA's next block); ideal "
+            "contraction: the plan's contraction FLOPs (factored layers at their factored cost) "
+            "at the measured B×P matmul rate; floor = batched fwd+bwd + ideal contraction):\n"
         )
         print(breakdown_table(results, rates))
+    if alone:
+        print(
+            "\nSequence: each ntklab case timed in this process, after the models before it, "
+            "beside the same case alone in a fresh child process (same arguments, its own "
+            "warm-up), so a slowdown left behind by an earlier model shows:\n"
+        )
+        print(sequence_table(results, alone))
     if args.json:
+        alone_rows = [{"model": m, "n": n, "impl": i, **r} for (m, n, i), r in alone.items()]
         Path(args.json).write_text(
-            json.dumps({"header": header, "rates": rates, "results": results}, indent=2) + "\n"
+            json.dumps(
+                {"header": header, "rates": rates, "results": results, "alone": alone_rows},
+                indent=2,
+            )
+            + "\n"
         )
 
 

@@ -44,7 +44,8 @@ import common
 
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
 from ntklab.ntk import empirical_ntk
-from ntklab.ntk._layerwise import layerwise_features, layerwise_plan
+from ntklab.ntk._layerwise import layerwise_features
+from ntklab.ntk._layerwise_plan import layerwise_plan
 
 try:
     import torch

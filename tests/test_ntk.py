@@ -250,7 +250,7 @@ def test_structured_with_a_shared_dense_layer_is_not_factored(float64):
 
 
 def test_auto_follows_the_cost_model():
-    from ntklab.ntk import _schedule
+    from ntklab.ntk import _problem, _schedule
 
     apply_fn, params, shape = network("lenet")
     x = np.zeros((4, *shape), np.float32)
@@ -262,13 +262,13 @@ def test_auto_follows_the_cost_model():
         "projection_seed": 0,
         "devices": tuple(jax.devices()),
     }
-    problem = _schedule.make_problem(apply_fn, params, x, x, projection_dim=None, **options)
+    problem = _problem.make_problem(apply_fn, params, x, x, projection_dim=None, **options)
     layout = {"batch_size": 4, "memory_bytes": None, "param_chunk_size": None}
     # A forward pass costs at least 2 FLOPs per parameter, so for one output contraction beats
     # NTK-vector products; LeNet's Dense layers hold most parameters, so factoring them wins.
     assert problem.forward_flops() >= 2 * problem.num_params
     assert _schedule.choose_plan(problem, "auto", **layout).implementation == "structured"
-    projected = _schedule.make_problem(apply_fn, params, x, x, projection_dim=8, **options)
+    projected = _problem.make_problem(apply_fn, params, x, x, projection_dim=8, **options)
     assert _schedule.choose_plan(projected, "auto", **layout).implementation == "jacobian"
 
 

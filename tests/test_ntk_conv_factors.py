@@ -21,7 +21,7 @@ import pytest
 from test_ntk_layerwise import ConvChain  # convolutions in sequence, then a Dense head
 
 from ntklab.models import build_model, inference_apply_fn, init_variables
-from ntklab.ntk import _conv_factors, _schedule, empirical_ntk
+from ntklab.ntk import _conv_factors, _problem, _schedule, empirical_ntk
 
 OUTPUTS = ("trace", "full", "diagonal")
 
@@ -128,7 +128,7 @@ import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, {tests!r})
 from test_ntk_conv_factors import CHAINS, ConvChain, brute_force, network, reduce
-from ntklab.ntk import _conv_factors, _schedule, empirical_ntk
+from ntklab.ntk import _conv_factors, _problem, _schedule, empirical_ntk
 _conv_factors.FACTOR_MAX_RATIO = float("inf")
 _schedule.LAYERWISE_MIN_CONV_FRACTION = 0.0
 assert len(jax.devices()) == 2, jax.devices()
@@ -138,7 +138,7 @@ for chain in sorted(CHAINS)[:1]:
     full = brute_force(apply_fn, params, x)
     for output in ("trace", "full"):  # "diagonal" is contracted by XLA on one device too
         plan = _schedule.choose_plan(
-            _schedule.make_problem(apply_fn, params, x, x, symmetric=True, output=output,
+            _problem.make_problem(apply_fn, params, x, x, symmetric=True, output=output,
                                    precision="float32", projection_dim=None,
                                    projection="rademacher", projection_seed=0,
                                    devices=tuple(jax.devices())),
@@ -207,7 +207,7 @@ def test_cost_rule_factors_only_small_outputs(monkeypatch, float64):
 
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 64), jnp.float64)
     apply_fn, params = network(Net(), x)
-    problem = _schedule.make_problem(
+    problem = _problem.make_problem(
         apply_fn, params, x, x, symmetric=True, output="trace", precision="float32",
         projection_dim=None, projection="rademacher", projection_seed=0, devices=(jax.devices()[0],),
     )  # fmt: skip

@@ -11,10 +11,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as Spec
 
 from ntklab.models import build_model, inference_apply_fn, init_variables, model_names
-from ntklab.ntk._layerwise import layerwise_features, layerwise_plan
+from ntklab.ntk._layerwise import layerwise_features
+from ntklab.ntk._layerwise_plan import layerwise_plan
 
-# The layerwise path is experimental and not used by the engine; its exhaustive checks compile
-# many models (minutes on 2 cores), so they run with `python -m pytest -m slow`.
+# The engine's layerwise path is tested end to end in test_ntk_layerwise_engine.py and
+# test_ntk_host_convs.py; these exhaustive checks of its pieces compile many models (minutes on 2
+# cores), so they run with `python -m pytest -m slow`.
 pytestmark = pytest.mark.slow
 
 TINY = {

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from ntklab.ntk import _schedule, _units
+from ntklab import threads
+from ntklab.ntk import _problem, _schedule, _units
 from ntklab.ntk._store import KernelStore
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
@@ -46,6 +47,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def check_positive_int(name: str, value: Any) -> None:
+    """Raises ValueError naming ``value`` unless it is a positive int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -124,6 +126,45 @@ def empirical_ntk(
       OSError: not enough disk space for ``out`` (the message names the bytes needed and free).
       KernelInUseError: another process is writing the same ``out``.
     """
+    _check_options(
+        output=output, implementation=implementation, precision=precision,
+        projection=projection, storage_dtype=storage_dtype, batch_size=batch_size,
+        projection_dim=projection_dim, memory_bytes=memory_bytes,
+        param_chunk_size=param_chunk_size,
+    )  # fmt: skip
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    if len(x1) == 0 or len(x2) == 0:
+        raise ValueError(f"empty inputs: x1 has {len(x1)} examples, x2 has {len(x2)}")
+    if tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
+        raise ValueError(f"x1 examples have shape {x1.shape[1:]} but x2 examples {x2.shape[1:]}")
+
+    problem = _problem.make_problem(
+        apply_fn, params, x1, x2, symmetric=symmetric, output=output, precision=precision,
+        projection_dim=projection_dim, projection=projection, projection_seed=projection_seed,
+        devices=tuple(devices) if devices is not None else tuple(jax.devices()),
+    )  # fmt: skip
+    plan = _schedule.choose_plan(
+        problem, implementation, batch_size=batch_size, memory_bytes=memory_bytes,
+        param_chunk_size=param_chunk_size,
+    )  # fmt: skip
+    dtype = np.dtype(storage_dtype) if storage_dtype else problem.accumulate_dtype
+    return run_plan(plan, storage_dtype=dtype, out=out, progress=progress, after_unit=_after_unit)
+
+
+def _check_options(
+    *,
+    output: str,
+    implementation: str,
+    precision: str,
+    projection: str,
+    storage_dtype: str | None,
+    batch_size: int,
+    projection_dim: int | None,
+    memory_bytes: int | None,
+    param_chunk_size: int | None,
+) -> None:
+    """Raises ValueError naming a bad option of :func:`empirical_ntk` and the valid choices."""
     check_choice("output", output, OUTPUTS)
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     check_choice("precision", precision, PRECISIONS)
@@ -138,35 +179,6 @@ def empirical_ntk(
             check_positive_int(name, value)
     if projection_dim is not None and implementation not in ("auto", "jacobian"):
         raise ValueError("projection_dim needs implementation='jacobian' (or 'auto')")
-    symmetric = x2 is None
-    x2 = x1 if symmetric else x2
-    if len(x1) == 0 or len(x2) == 0:
-        raise ValueError(f"empty inputs: x1 has {len(x1)} examples, x2 has {len(x2)}")
-    if tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
-        raise ValueError(f"x1 examples have shape {x1.shape[1:]} but x2 examples {x2.shape[1:]}")
-
-    problem = _schedule.make_problem(
-        apply_fn,
-        params,
-        x1,
-        x2,
-        symmetric=symmetric,
-        output=output,
-        precision=precision,
-        projection_dim=projection_dim,
-        projection=projection,
-        projection_seed=projection_seed,
-        devices=tuple(devices) if devices is not None else tuple(jax.devices()),
-    )
-    plan = _schedule.choose_plan(
-        problem,
-        implementation,
-        batch_size=batch_size,
-        memory_bytes=memory_bytes,
-        param_chunk_size=param_chunk_size,
-    )
-    dtype = np.dtype(storage_dtype) if storage_dtype else problem.accumulate_dtype
-    return run_plan(plan, storage_dtype=dtype, out=out, progress=progress, after_unit=_after_unit)
 
 
 def run_plan(
@@ -197,16 +209,21 @@ def run_plan(
             else _units.jacobian_units
         )
         remaining = len(units) - len(store.done)
+        logger.info("eNTK: BLAS threads %s", threads.describe())
         bar = progress_bar(total=remaining, desc="ntk units", unit="unit", enabled=progress)
         start = time.perf_counter()
         entries_done = 0
         try:
-            for position, unit, blocks in runner(plan, units, done=set(store.done)):
-                entries_done += store.write(position, unit, blocks)
-                rate = entries_done / max(time.perf_counter() - start, 1e-9)
-                bar.update(1, entries_per_s=f"{rate:.3g}")
-                if after_unit is not None:
-                    after_unit(len(store.done))
+            # The host contraction (NumPy's BLAS) interleaves with XLA's feature blocks: one
+            # BLAS thread per call, so no BLAS worker spins on a core that XLA needs
+            # (ntklab.threads); ``_units`` shares row blocks out to one worker per CPU.
+            with threads.beside_xla():
+                for position, unit, blocks in runner(plan, units, done=set(store.done)):
+                    entries_done += store.write(position, unit, blocks)
+                    rate = entries_done / max(time.perf_counter() - start, 1e-9)
+                    bar.update(1, entries_per_s=f"{rate:.3g}")
+                    if after_unit is not None:
+                        after_unit(len(store.done))
         finally:
             bar.close()
         elapsed = time.perf_counter() - start

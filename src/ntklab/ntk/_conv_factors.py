@@ -18,7 +18,7 @@ stay in the Jacobian.
     block = conv_block(pr, pc, sr, sc, bias, output, dot)         # XLA, [B1, B2] for trace
     block = host_conv_block(pr, pc, sr, sc, bias, output)         # NumPy's BLAS, same sums
 
-Only convolutions whose patch formula ``_layerwise`` proved exact (type exactly ``nn.Conv``,
+Only convolutions whose patch formula ``_layerwise_plan`` proved exact (type exactly ``nn.Conv``,
 called once, parameters used only by that call, formula matched on a probe) with one feature
 group are factored.
 """
@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntklab.ntk._layerwise import Layer, LayerwisePlan, conv_patches
+from ntklab.ntk._conv_geometry import conv_patches
+from ntklab.ntk._layerwise_plan import Layer, LayerwisePlan
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The feature backend: per-example Jacobian features of a leaf group, and their products.
+"""The feature backend: per-example Jacobian features of a leaf group, and NTK-vector products.
 
 Dimensions: B examples per block (B1 rows, B2 columns), C outputs, P_leaf parameters of one leaf,
 K projection dimension, d_in/d_out a factored Dense layer's input/output width, b vectors;
@@ -6,31 +6,37 @@ for a factored convolution S output positions and F its patch size.
 
     fn = features_fn(apply_fn, treedef, group, num_outputs, None, "rademacher", mesh, dense)
     feats = fn(leaves, keys, x)           # x [B, ...] -> Features(leaves=([B, C, P_leaf], ...), ...)
-    block = contract_fn("trace", "float32", mesh, biases)(feats, cols)      # -> [B1, B2]
+    block = _contract.contract_fn("trace", "float32", mesh, biases)(feats, cols)   # [B1, B2]
 
 Every consumer (kernel blocks, the operator K·V, alignment) forms features here. The single
-step that turns a leaf group into per-example Jacobians is :func:`leaf_jacobians`.
+step that turns a leaf group into per-example Jacobians is :func:`leaf_jacobians`; with a
+layerwise plan, :func:`block_features` takes them from ``_layerwise`` instead. Convolutions whose
+gradients the host forms (``_host_convs``) leave here as their inputs and sensitivities
+(``Features.host_factors``) and become Jacobian leaves on the host.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as Spec
 
 from ntklab.ntk import _conv_factors
 from ntklab.ntk._conv_factors import ConvFactor
-from ntklab.ntk._layerwise import LayerwisePlan, conv_config, layerwise_parts
+from ntklab.ntk._conv_geometry import conv_config
+from ntklab.ntk._layerwise import layerwise_parts
+from ntklab.ntk._layerwise_plan import LayerwisePlan
 from ntklab.ntk._structure import DenseLayer
 from ntklab.types import ApplyFn
+
+if TYPE_CHECKING:
+    from ntklab.ntk._host_convs import HostConv
 
 AXIS = "batch"
 _PROJECTION_CHUNK = 4096  # parameters per generated slice of the random projection map
@@ -47,6 +53,10 @@ class Features(NamedTuple):
       sensitivities: per factored Dense layer ∂f/∂y δ [B, C, d_out].
       patches: per factored convolution its input patches [B, S, F].
       patch_sensitivities: per factored convolution δ [B, C, S, d_out].
+      host_factors: per convolution whose gradients the host forms (``_host_convs``) its inputs
+        padded channel-major [B, d_in, *spatial_padded], sensitivities [B, C, 1, *spatial_out,
+        d_out] and bias gradients [B, C, d_out]; empty once the host has turned them into
+        leaves.
     """
 
     leaves: tuple[jax.Array, ...]
@@ -54,6 +64,7 @@ class Features(NamedTuple):
     sensitivities: tuple[jax.Array, ...] = ()
     patches: tuple[jax.Array, ...] = ()
     patch_sensitivities: tuple[jax.Array, ...] = ()
+    host_factors: tuple[tuple[jax.Array, jax.Array], ...] = ()
 
 
 def _merge(leaves: list[jax.Array], group: tuple[int, ...], values: list[jax.Array]) -> list:
@@ -147,23 +158,30 @@ def block_features(
     dense: tuple[DenseLayer, ...] = (),
     layerwise: LayerwisePlan | None = None,
     convs: tuple[ConvFactor, ...] = (),
+    host_convs: tuple[HostConv, ...] = (),
 ) -> Features:
     """Features of one device's examples x [B, ...] (traced inside ``shard_map``).
 
     With a ``layerwise`` plan the per-example Jacobians (and the factored Dense layers' and
     convolutions' inputs and sensitivities) come from one backward pass to the layer outputs
-    (``_layerwise``); without, from ``vmap(jacrev)``. Both are exact for any model.
+    (``_layerwise``); without, from ``vmap(jacrev)``. Both are exact for any model. The leaves
+    of ``host_convs`` (which need the layerwise plan) are left out of ``leaves``: their layers'
+    inputs and sensitivities are returned in ``host_factors`` instead, and
+    ``_host_convs.finish`` puts their Jacobians back in ``group`` order.
     """
     if layerwise is not None:
-        paths = tuple(layer.path for layer in dense) + tuple(conv.path for conv in convs)
+        paths = tuple(layer.path for layer in (*dense, *convs, *host_convs))
+        on_host = {i for conv in host_convs for i in conv.leaf_indices}
         pieces, factors = layerwise_parts(
-            apply_fn, treedef, leaves, group, x, num_outputs, plan=layerwise, axis_name=AXIS,
-            factored=paths,
+            apply_fn, treedef, leaves, tuple(i for i in group if i not in on_host), x,
+            num_outputs, plan=layerwise, axis_name=AXIS, factored=paths,
         )  # fmt: skip
         if paths:
-            return _factored_features(pieces, factors, len(dense), convs, layerwise, num_outputs)
-    elif convs:
-        raise ValueError("factored convolutions need a layerwise plan")
+            feats = _factored_features(pieces, factors, len(dense), convs, layerwise, num_outputs)
+            host = zip(host_convs, feats.host_factors, strict=True)
+            return feats._replace(host_factors=tuple(conv.prepare(*ab) for conv, ab in host))
+    elif convs or host_convs:
+        raise ValueError("factored or host convolutions need a layerwise plan")
     elif dense:
         return structured_features(apply_fn, treedef, leaves, group, dense, x, num_outputs)
     else:
@@ -182,10 +200,12 @@ def _factored_features(
     layerwise: LayerwisePlan, num_outputs: int,
 ) -> Features:  # fmt: skip
     """Features from ``layerwise_parts``' output: Dense factors flattened per example, the
-    convolutions' turned into patches (their patch formula was verified by the plan)."""
+    convolutions' turned into patches (their patch formula was verified by the plan), the
+    host convolutions' passed on as they are."""
     by_path = {layer.path: layer for layer in layerwise.layers}
     patches, patch_sens = [], []
-    for conv, (a, delta) in zip(convs, factors[num_dense:], strict=True):
+    num_convs = len(convs)
+    for conv, (a, delta) in zip(convs, factors[num_dense : num_dense + num_convs], strict=True):
         config = conv_config(by_path[conv.path].module, by_path[conv.path].in_shape)
         p, d = _conv_factors.patch_factors(config, a, delta)
         patches.append(p)
@@ -197,6 +217,7 @@ def _factored_features(
         sensitivities=tuple(d.reshape(d.shape[0], num_outputs, -1) for _, d in dense_factors),
         patches=tuple(patches),
         patch_sensitivities=tuple(patch_sens),
+        host_factors=tuple(factors[num_dense + num_convs :]),
     )
 
 
@@ -211,13 +232,15 @@ def features_fn(
     dense: tuple[DenseLayer, ...] = (),
     layerwise: LayerwisePlan | None = None,
     convs: tuple[ConvFactor, ...] = (),
+    host_convs: tuple[HostConv, ...] = (),
 ) -> Callable[[list[jax.Array], jax.Array, jax.Array], Features]:
-    """``fn(leaves, keys, x[B, ...]) -> Features``, jitted and sharded over the batch."""
+    """``fn(leaves, keys, x[B, ...]) -> Features``, jitted and sharded over the batch (see
+    :func:`block_features`)."""
 
     def per_device(leaves: list[jax.Array], keys: jax.Array, x: jax.Array) -> Features:
         return block_features(
             apply_fn, treedef, leaves, keys, x, group, num_outputs, projection_dim, projection,
-            dense, layerwise, convs,
+            dense, layerwise, convs, host_convs,
         )  # fmt: skip
 
     specs = (Spec(), Spec(), Spec(AXIS))
@@ -244,134 +267,6 @@ def _project(jacobian: jax.Array, key: jax.Array, dim: int, projection: str) -> 
     total = jax.lax.pcast(jnp.zeros((b * c, dim), jacobian.dtype), AXIS, to="varying")
     total, _ = jax.lax.scan(step, total, (jnp.arange(num_chunks), padded))
     return (total / jnp.sqrt(jnp.asarray(dim, jacobian.dtype))).reshape(b, c, dim)
-
-
-def dot(a: jax.Array, b: jax.Array, spec: str, precision: str, platform: str) -> jax.Array:
-    """``einsum(spec, a, b)`` at the given precision, accumulated in the inputs' dtype."""
-    accumulate = a.dtype
-    if precision == "bfloat16":
-        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-        return jnp.einsum(spec, a, b, preferred_element_type=accumulate)
-    if precision == "tf32":
-        if platform == "gpu":
-            preset = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
-            return jnp.einsum(spec, a, b, precision=preset, preferred_element_type=accumulate)
-        # CPUs have no TF32 unit: round the inputs to TF32 (10-bit mantissa) as tensor cores do.
-        a = jax.lax.reduce_precision(a, exponent_bits=8, mantissa_bits=10)
-        b = jax.lax.reduce_precision(b, exponent_bits=8, mantissa_bits=10)
-    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
-
-
-def contract_block(
-    rows: Features,
-    cols: Features,
-    output: str,
-    precision: str,
-    platform: str,
-    biases: tuple,
-    conv_biases: tuple = (),
-) -> jax.Array:
-    """The kernel block of two feature sets, in ``output`` layout, summed over leaves and layers.
-
-    ``biases[k]`` says whether factored layer k has a bias (its kernel is (a_i·a_j + 1)(δ_i·δ_j)),
-    ``conv_biases[k]`` the same for factored convolution k (see ``_conv_factors``).
-    """
-
-    def leaf(r: jax.Array, c: jax.Array) -> jax.Array:
-        if output == "trace":
-            return dot(r.reshape(r.shape[0], -1), c.reshape(c.shape[0], -1), "if,jf->ij",
-                       precision, platform)  # fmt: skip
-        if output == "diagonal":
-            return dot(r, c, "icf,jcf->ijc", precision, platform)
-        return dot(r, c, "icf,jdf->ijcd", precision, platform)
-
-    blocks = [leaf(r, c) for r, c in zip(rows.leaves, cols.leaves, strict=True)]
-    pairs = zip(
-        rows.inputs, cols.inputs, rows.sensitivities, cols.sensitivities, biases, strict=True
-    )
-    for a_rows, a_cols, d_rows, d_cols, bias in pairs:
-        inputs = dot(a_rows, a_cols, "if,jf->ij", precision, platform) + (1.0 if bias else 0.0)
-        sens = leaf(d_rows, d_cols)
-        blocks.append(inputs.reshape(inputs.shape + (1,) * (sens.ndim - 2)) * sens)
-    convs = zip(rows.patches, cols.patches, rows.patch_sensitivities, cols.patch_sensitivities,
-                conv_biases, strict=True)  # fmt: skip
-    for pr, pc, sr, sc, bias in convs:
-        blocks.append(_conv_factors.conv_block(
-            pr, pc, sr, sc, bias, output, lambda a, b, spec: dot(a, b, spec, precision, platform)
-        ))  # fmt: skip
-    return sum(blocks[1:], blocks[0])
-
-
-def contract_fn(
-    output: str,
-    precision: str,
-    mesh: Mesh,
-    biases: tuple[bool, ...] = (),
-    conv_biases: tuple[bool, ...] = (),
-) -> Callable:
-    """``fn(rows: Features sharded, cols: Features replicated)`` -> kernel block, jitted (or by
-    the host's BLAS where :func:`host_contraction` applies)."""
-    platform = mesh.devices.flat[0].platform
-    if host_contraction(output, precision, mesh):
-        return functools.partial(
-            _host_contract, output=output, biases=biases, conv_biases=conv_biases
-        )
-
-    def per_device(rows: Features, cols: Features) -> jax.Array:
-        return contract_block(rows, cols, output, precision, platform, biases, conv_biases)
-
-    specs = (Spec(AXIS), Spec())
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=Spec(AXIS)))
-
-
-def host_contraction(output: str, precision: str, mesh: Mesh) -> bool:
-    """Whether blocks are contracted by NumPy's BLAS on the host instead of XLA: one CPU device,
-    full-precision ``trace`` or ``full`` output. XLA:CPU's dot runs [B, P] x [P, B] at about half
-    of OpenBLAS's rate (77 vs 149 GFLOP/s on 2 cores, BENCHMARKS.md), and a CPU device's arrays
-    are host memory, so the features are read in place (no copy)."""
-    single_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-    return single_cpu and precision == "float32" and output in ("trace", "full")
-
-
-def _host_leaf(rows: np.ndarray, cols: np.ndarray, output: str) -> np.ndarray:
-    """One leaf's block: [B1, C, F] x [B2, C, F] -> [B1, B2] (trace) or [B1, B2, C, C] (full)."""
-    if output == "trace":
-        return rows.reshape(rows.shape[0], -1) @ cols.reshape(cols.shape[0], -1).T
-    (b1, c, f), b2 = rows.shape, cols.shape[0]
-    block = rows.reshape(b1 * c, f) @ cols.reshape(b2 * c, f).T
-    return block.reshape(b1, c, b2, c).transpose(0, 2, 1, 3)
-
-
-def _host_contract(
-    rows: Features,
-    cols: Features,
-    *,
-    output: str,
-    biases: tuple[bool, ...],
-    conv_biases: tuple[bool, ...] = (),
-) -> np.ndarray:
-    """:func:`contract_block` with NumPy on one CPU device (same sums, float accumulation in the
-    features' dtype); the features are zero-copy views of the device buffers."""
-    total = None
-    for r, c in zip(rows.leaves, cols.leaves, strict=True):
-        block = _host_leaf(np.asarray(r), np.asarray(c), output)
-        total = block if total is None else np.add(total, block, out=total)
-    pairs = zip(
-        rows.inputs, cols.inputs, rows.sensitivities, cols.sensitivities, biases, strict=True
-    )
-    for a_rows, a_cols, d_rows, d_cols, bias in pairs:
-        inputs = np.asarray(a_rows) @ np.asarray(a_cols).T + (1.0 if bias else 0.0)
-        sens = _host_leaf(np.asarray(d_rows), np.asarray(d_cols), output)
-        block = inputs.reshape(inputs.shape + (1,) * (sens.ndim - 2)) * sens
-        total = block if total is None else np.add(total, block, out=total)
-    convs = zip(rows.patches, cols.patches, rows.patch_sensitivities, cols.patch_sensitivities,
-                conv_biases, strict=True)  # fmt: skip
-    for pr, pc, sr, sc, bias in convs:
-        block = _conv_factors.host_conv_block(
-            np.asarray(pr), np.asarray(pc), np.asarray(sr), np.asarray(sc), bias, output
-        )
-        total = block if total is None else np.add(total, block, out=total)
-    return total
 
 
 def products_fn(apply_fn: ApplyFn, treedef: Any, num_outputs: int, mesh: Mesh) -> Callable:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as Spec
 
-from ntklab.ntk import _schedule, _store, _units
+from ntklab import threads
+from ntklab.ntk import _problem, _schedule, _store, _units
 from ntklab.ntk._api import OUTPUTS, check_choice, check_positive_int
 from ntklab.ntk._features import AXIS, Features
 from ntklab.types import ApplyFn, PyTree
@@ -130,7 +131,7 @@ class KernelOperator:
             check_positive_int("width", width)
         if len(x) == 0:
             raise ValueError("x has no examples")
-        problem = _schedule.make_problem(
+        problem = _problem.make_problem(
             apply_fn, params, x, x, symmetric=True, output=output, precision="float32",
             projection_dim=None, projection="rademacher", projection_seed=0,
             devices=tuple(devices) if devices is not None else tuple(jax.devices()),
@@ -181,10 +182,10 @@ class KernelOperator:
         self.seconds = 0.0
         logger.info(
             "kernel operator: N=%d P=%d C=%d output=%s, %s, %d device(s), %d-example blocks, "
-            "%d parameter chunk(s), %d factored layer(s), features %s",
+            "%d parameter chunk(s), %d factored layer(s), features %s; BLAS threads %s",
             self.num_examples, self.num_params, c, output, self.implementation,
             len(problem.devices), plan.block, len(plan.param_groups), len(plan.dense),
-            "cached on the devices" if self.cached else "recomputed per pass",
+            "cached on the devices" if self.cached else "recomputed per pass", threads.describe(),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------ products
@@ -211,6 +212,14 @@ class KernelOperator:
             )
         start = time.perf_counter()
         result = np.empty(vectors.shape, np.float64)
+        with threads.beside_xla():  # host products interleave with XLA's passes
+            self._matmat_passes(vectors, result)
+        self.num_products += vectors.shape[1]
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def _matmat_passes(self, vectors: np.ndarray, result: np.ndarray) -> None:
+        """Fills ``result`` [rows, b] with K ``vectors`` [rows, b], ``width`` columns a pass."""
         for first in range(0, vectors.shape[1], self.width):
             chunk = vectors[:, first : first + self.width]
             used = chunk.shape[1]
@@ -223,9 +232,6 @@ class KernelOperator:
             if used < target:
                 chunk = np.pad(chunk, [(0, 0), (0, target - used)])
             result[:, first : first + used] = self._product(chunk)[:, :used]
-        self.num_products += vectors.shape[1]
-        self.seconds += time.perf_counter() - start
-        return result
 
     def _cotangents(self, v: np.ndarray, rows: slice, block: int) -> np.ndarray:
         """Rows of the vectors as cotangents [m, B, C] (zero-padded rows add nothing)."""

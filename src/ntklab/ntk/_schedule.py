@@ -1,10 +1,12 @@
-"""The schedule: blocks, panels, parameter chunks, devices, the cost model and the work units.
+"""The schedule: blocks, panels, parameter chunks, the cost model, the implementation choice and
+the work units of a problem (``_problem``).
 
 Dimensions: N examples (N1 rows, N2 columns), P parameters, C outputs, B examples per block,
 F features per example and output, D devices, G parameter chunks.
 
-    problem = make_problem(apply_fn, params, x1, x2, output="trace", ...)
+    problem = make_problem(apply_fn, params, x1, x2, output="trace", ...)   # _problem
     plan = make_plan(problem, "structured", batch_size=256, memory_bytes=None, param_chunk_size=None)
+    plan = choose_plan(problem, "auto", batch_size=256, memory_bytes=None, param_chunk_size=None)
     plan.units(), plan.region(unit), plan.cost(problem.forward_flops())
 
 A *unit* is the kernel blocks of a panel's row blocks (as many as the memory budget holds)
@@ -17,217 +19,39 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as Spec
 
+from ntklab.ntk._contract import host_contraction
 from ntklab.ntk._conv_factors import ConvFactor, conv_factors
-from ntklab.ntk._features import AXIS
-from ntklab.ntk._layerwise import LayerwisePlan, layerwise_plan
-from ntklab.ntk._structure import DenseLayer, find_dense_layers, log_structure
-from ntklab.types import ApplyFn, PyTree
+from ntklab.ntk._host_convs import HostConv, host_conv_layers
+from ntklab.ntk._layerwise_plan import LayerwisePlan
+from ntklab.ntk._problem import Problem, default_memory_bytes
+from ntklab.ntk._structure import DenseLayer
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Problem:
-    """What is computed, independent of implementation and memory layout."""
-
-    apply_fn: ApplyFn
-    treedef: Any
-    leaves: tuple[jax.Array, ...]  # replicated on the mesh
-    x1: Any
-    x2: Any
-    symmetric: bool
-    output: str
-    precision: str
-    projection_dim: int | None
-    projection: str
-    projection_seed: int
-    devices: tuple[jax.Device, ...]
-    mesh: Mesh
-    num_outputs: int
-    num_params: int
-    param_dtype: np.dtype
-    accumulate_dtype: np.dtype
-
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, Spec(AXIS))
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, Spec())
-
-    def kernel_shape(self) -> tuple[int, ...]:
-        n1, n2, c = len(self.x1), len(self.x2), self.num_outputs
-        return {"trace": (n1, n2), "diagonal": (n1, n2, c), "full": (n1, n2, c, c)}[self.output]
-
-    def dense_layers(self) -> tuple[DenseLayer, ...]:
-        """The Dense layers proven factorable (logged with the refused ones and why)."""
-        layers, refused = find_dense_layers(
-            self.apply_fn, self.treedef, list(self.leaves), tuple(self.x1.shape[1:])
-        )
-        log_structure(layers, refused)
-        return layers
-
-    def layerwise_jacobians(self) -> LayerwisePlan | None:
-        """The layerwise Jacobian plan (``_layerwise``) where it is measured to pay: on a CPU, for
-        a model whose covered convolutions hold most parameters (their per-example weight
-        gradients ``vmap(jacrev)`` runs as slow grouped convolutions; ResNet-18: 1.44x faster
-        Jacobians, BENCHMARKS.md). ``None`` elsewhere (GPUs are not measured yet).
-        """
-        if self.devices[0].platform != "cpu" or os.environ.get("NTKLAB_LAYERWISE") == "0":
-            return None
-        example_shape = tuple(self.x1.shape[1:])
-        if not _has_convolution(self.apply_fn, self.treedef, self.leaves, example_shape):
-            return None
-        try:
-            plan = layerwise_plan(self.apply_fn, self.treedef, list(self.leaves), example_shape)
-        except Exception as error:  # an optimization: any model it cannot plan uses vmap(jacrev)
-            logger.info("eNTK layerwise: not used (%s: %s)", type(error).__name__, error)
-            return None
-        conv_leaves = {
-            i for layer in plan.layers if layer.kind == "conv" for i in layer.leaf_indices
-        }
-        conv_params = sum(int(np.prod(self.leaves[i].shape)) for i in conv_leaves)
-        # Only where convolutions hold most parameters: on LeNet (2 % in convolutions) layerwise
-        # measured 0.89x of vmap(jacrev), on ResNet-18 (99.95 %) 1.44x (BENCHMARKS.md).
-        return plan if conv_params >= LAYERWISE_MIN_CONV_FRACTION * self.num_params else None
-
-    def forward_flops(self) -> float:
-        """FLOPs of one example's forward pass (XLA's cost analysis; 2·P if unavailable)."""
-        avals = tuple((leaf.shape, str(leaf.dtype)) for leaf in self.leaves)
-        key = (self.apply_fn, self.treedef, avals, tuple(self.x1.shape[1:]))
-        try:
-            return _FORWARD_FLOPS[key]
-        except TypeError:  # an unhashable apply_fn
-            key = None
-        except KeyError:
-            pass
-        params = jax.tree.unflatten(self.treedef, list(self.leaves))
-        example = jax.ShapeDtypeStruct((1, *self.x1.shape[1:]), self.param_dtype)
-        try:
-            cost = jax.jit(self.apply_fn).lower(params, example).cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            flops = max(float(cost["flops"]), 2.0 * self.num_params)
-        except Exception:  # cost analysis is best effort; every parameter is used at least once
-            flops = 2.0 * self.num_params
-        if key is not None:
-            if len(_FORWARD_FLOPS) > 32:
-                _FORWARD_FLOPS.clear()
-            _FORWARD_FLOPS[key] = flops
-        return flops
-
-    def put_block(self, x: Any, rows: slice, block: int, *, sharded: bool = True) -> jax.Array:
-        """Rows ``x[rows]`` padded to ``block`` examples (repeating the last) on the mesh."""
-        part = np.asarray(x[rows], dtype=self.param_dtype)
-        missing = block - part.shape[0]
-        if missing:
-            part = np.pad(part, [(0, missing)] + [(0, 0)] * (part.ndim - 1), mode="edge")
-        sharding = self.batch_sharding if sharded else self.replicated
-        return jax.make_array_from_callback(part.shape, sharding, lambda index: part[index])
-
-
-_FORWARD_FLOPS: dict[tuple, float] = {}
 LAYERWISE_MIN_CONV_FRACTION = 0.5
 """Layerwise Jacobians only when covered convolutions hold at least this fraction of the
-parameters (see :meth:`Problem.layerwise_jacobians`)."""
-_CONVOLUTIONS: dict[tuple, bool] = {}
+parameters (see :func:`layerwise_jacobians`)."""
 
 
-def _has_convolution(apply_fn: ApplyFn, treedef: Any, leaves: tuple, example_shape: tuple) -> bool:
-    """Whether ``apply_fn``'s jaxpr on one example has a ``conv_general_dilated`` (cached)."""
-    avals = tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
-    key = (apply_fn, treedef, avals, example_shape)
-    try:
-        return _CONVOLUTIONS[key]
-    except TypeError:  # an unhashable apply_fn
-        key = None
-    except KeyError:
-        pass
-    params = jax.tree.unflatten(
-        treedef, [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
-    )
-    dtype = jnp.result_type(*leaves)
-    jaxpr = jax.make_jaxpr(apply_fn)(params, jax.ShapeDtypeStruct((1, *example_shape), dtype))
-    found = _jaxpr_has(jaxpr.jaxpr, "conv_general_dilated")
-    if key is not None:
-        if len(_CONVOLUTIONS) > 32:
-            _CONVOLUTIONS.clear()
-        _CONVOLUTIONS[key] = found
-    return found
-
-
-def _jaxpr_has(jaxpr: Any, primitive: str) -> bool:
-    """Whether ``jaxpr`` or any jaxpr nested in its equations' parameters uses ``primitive``."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            return True
-        for value in eqn.params.values():
-            for item in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(item, "jaxpr", item)
-                if hasattr(inner, "eqns") and _jaxpr_has(inner, primitive):
-                    return True
-    return False
-
-
-def default_memory_bytes(device: jax.Device) -> int:
-    """Half the device memory, or a quarter of host RAM on CPU."""
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) // 2
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-
-
-def make_problem(
-    apply_fn: ApplyFn,
-    params: PyTree,
-    x1: Any,
-    x2: Any,
-    *,
-    symmetric: bool,
-    output: str,
-    precision: str,
-    projection_dim: int | None,
-    projection: str,
-    projection_seed: int,
-    devices: tuple[jax.Device, ...],
-) -> Problem:
-    """Validates the model's output shape and places the parameters on the mesh."""
-    leaves, treedef = jax.tree.flatten(params)
-    param_dtype = np.dtype(jnp.result_type(*leaves))
-    example = jax.ShapeDtypeStruct((1, *x1.shape[1:]), param_dtype)
-    out_shape = jax.eval_shape(apply_fn, params, example).shape
-    if len(out_shape) != 2:
-        raise ValueError(f"apply_fn must return [B, C] outputs, got shape {out_shape}")
-    mesh = Mesh(np.asarray(devices), (AXIS,))
-    replicated = NamedSharding(mesh, Spec())
-    return Problem(
-        apply_fn=apply_fn,
-        treedef=treedef,
-        leaves=tuple(jax.device_put(leaf, replicated) for leaf in leaves),
-        x1=x1,
-        x2=x2,
-        symmetric=symmetric,
-        output=output,
-        precision=precision,
-        projection_dim=projection_dim,
-        projection=projection,
-        projection_seed=projection_seed,
-        devices=tuple(devices),
-        mesh=mesh,
-        num_outputs=int(out_shape[1]),
-        num_params=sum(int(np.prod(leaf.shape)) for leaf in leaves),
-        param_dtype=param_dtype,
-        accumulate_dtype=np.dtype(np.float64 if param_dtype == np.float64 else np.float32),
-    )
+def layerwise_jacobians(problem: Problem) -> LayerwisePlan | None:
+    """The layerwise Jacobian plan (``_layerwise_plan``) where it is measured to pay: on a CPU, for a
+    model whose covered convolutions hold most parameters (their per-example weight gradients
+    ``vmap(jacrev)`` runs as slow grouped convolutions; ResNet-18: 1.44x faster Jacobians,
+    BENCHMARKS.md). ``None`` elsewhere (GPUs are not measured yet).
+    """
+    plan = problem.layerwise_plan()
+    if plan is None:
+        return None
+    conv_leaves = {i for layer in plan.layers if layer.kind == "conv" for i in layer.leaf_indices}
+    conv_params = sum(int(np.prod(problem.leaves[i].shape)) for i in conv_leaves)
+    # Only where convolutions hold most parameters: on LeNet (2 % in convolutions) layerwise
+    # measured 0.89x of vmap(jacrev), on ResNet-18 (99.95 %) 1.44x (BENCHMARKS.md); LeNet's
+    # convolutions are formed on the host instead (:func:`_with_host_convs`).
+    return plan if conv_params >= LAYERWISE_MIN_CONV_FRACTION * problem.num_params else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +77,21 @@ class Plan:
     chunked: bool
     layerwise: LayerwisePlan | None = None  # per-example Jacobians from layer sensitivities
     convs: tuple[ConvFactor, ...] = ()  # factored convolutions (need ``layerwise``), group 0
+    host_convs: tuple[HostConv, ...] = ()  # convolutions whose Jacobians the host forms
 
     @property
     def num_factored(self) -> int:
         return len(self.dense) + len(self.convs)
+
+    def term_layers(self, group: int) -> tuple[int, ...]:
+        """The layer (index into ``problem.layer_names``) of each term of parameter group
+        ``group``'s blocks: its leaves, then its factored Dense layers and convolutions."""
+        owners = self.problem.leaf_layers
+        leaves = [owners[i] for i in self.param_groups[group]]
+        if group != 0:
+            return tuple(leaves)
+        factored = [owners[layer.kernel] for layer in (*self.dense, *self.convs)]
+        return tuple(leaves + factored)
 
     def units(self) -> list[Unit]:
         """Work units in execution order (row panels, then column blocks left to right)."""
@@ -350,8 +185,8 @@ def make_plan(
     num_devices = len(p.devices)
     block = min(batch_size, max(len(p.x1), len(p.x2)))
     block = math.ceil(block / num_devices) * num_devices
-    row_slices = tuple(_block_slices(len(p.x1), block))
-    col_slices = tuple(_block_slices(len(p.x2), block))
+    row_slices = tuple(block_slices(len(p.x1), block))
+    col_slices = tuple(block_slices(len(p.x2), block))
     itemsize = p.param_dtype.itemsize
     budget = memory_bytes if memory_bytes is not None else default_memory_bytes(p.devices[0])
     per_device = block // num_devices
@@ -371,7 +206,9 @@ def make_plan(
     if chunked or implementation == "ntk_vector_products":
         panel_blocks = 1  # products store no Jacobians: one row block per unit
     else:
-        panel_blocks = max(1, budget // max(block_bytes, 1) - 1)
+        # The budget holds the panel, the column block, the block ``_units`` computes ahead and
+        # the previous unit's column while its contraction finishes.
+        panel_blocks = max(1, budget // max(block_bytes, 1) - 3)
     return Plan(
         problem=p,
         implementation=implementation,
@@ -411,9 +248,9 @@ def choose_plan(
     plan = _choose_layout(problem, implementation, batch_size, memory_bytes, param_chunk_size)
     if plan.implementation == "ntk_vector_products":
         return plan
-    layerwise = problem.layerwise_jacobians()
+    layerwise = layerwise_jacobians(problem)
     if layerwise is None:
-        return plan
+        return _with_host_convs(problem, plan)
     covered = {lw.path for lw in layerwise.layers}
     if any(layer.path not in covered for layer in plan.dense):
         return plan  # a factored Dense layer the layerwise plan does not cover
@@ -443,6 +280,39 @@ def choose_plan(
         if costs[1] >= costs[0]:
             return plan
     return factored
+
+
+def _with_host_convs(problem: Problem, plan: Plan) -> Plan:
+    """``plan`` with the host forming its convolutions' Jacobians (``_host_convs``) where that
+    applies: a structured plan without parameter chunks or projection, contracted on the host
+    (one CPU device), every covered convolution's host formula verified, every factored Dense
+    layer covered by the layerwise plan. On LeNet (2 % of the parameters in convolutions) the
+    feature pass then costs about one batched forward + backward instead of 1.65x
+    (BENCHMARKS.md); ``NTKLAB_LAYERWISE=0`` turns it off with the layerwise Jacobians."""
+    if (
+        plan.implementation != "structured"
+        or plan.chunked
+        or problem.projection_dim is not None
+        or not host_contraction(problem.output, problem.precision, problem.mesh)
+    ):
+        return plan
+    layerwise = problem.layerwise_plan()
+    if layerwise is None:
+        return plan
+    covered = {layer.path for layer in layerwise.layers}
+    convs = host_conv_layers(layerwise)
+    all_convs = [layer for layer in layerwise.layers if layer.kind == "conv"]
+    if (
+        not convs
+        or len(convs) < len(all_convs)
+        or any(layer.path not in covered for layer in plan.dense)
+    ):
+        return plan
+    logger.info(
+        "eNTK: per-example Jacobians layerwise, %d convolution(s) formed on the host: %s",
+        len(convs), ", ".join(conv.name for conv in convs),
+    )  # fmt: skip
+    return dataclasses.replace(plan, layerwise=layerwise, host_convs=convs)
 
 
 def _choose_layout(
@@ -478,5 +348,17 @@ def _choose_layout(
     return best
 
 
-def _block_slices(n: int, block: int) -> list[slice]:
+def block_slices(n: int, block: int) -> list[slice]:
+    """The engine's blocking of n examples: consecutive slices of ``block`` (the last shorter).
+
+    Args:
+      n: the number of examples N.
+      block: examples per block B.
+
+    Returns:
+      ceil(N / B) slices covering 0..N in order.
+    """
     return [slice(start, min(start + block, n)) for start in range(0, n, block)]
+
+
+_block_slices = block_slices  # the old private name (ntklab.nads imports it until it switches)
