@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ntklab.experiments import cli, compute_nads
 
 
-@cli.hydra_main("compute_nads/config")
+@cli.hydra_main("compute_nads")
 def main(cfg: DictConfig) -> None:
     compute_nads.run(cfg)
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ntklab.experiments import cli, compute_ntk
 
 
-@cli.hydra_main("compute_ntk/config")
+@cli.hydra_main("compute_ntk")
 def main(cfg: DictConfig) -> None:
     compute_ntk.run(cfg)
 

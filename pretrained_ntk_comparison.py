@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ntklab.experiments import cli, pretrained_ntk_comparison
 
 
-@cli.hydra_main("pretrained_ntk_comparison/config")
+@cli.hydra_main("pretrained_ntk_comparison")
 def main(cfg: DictConfig) -> None:
     pretrained_ntk_comparison.run(cfg)
 

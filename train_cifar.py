@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ntklab.experiments import cli, train_cifar
 
 
-@cli.hydra_main("train_cifar/config")
+@cli.hydra_main("train_cifar")
 def main(cfg: DictConfig) -> None:
     train_cifar.run(cfg)
 

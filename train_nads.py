@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from ntklab.experiments import cli, train_nads
 
 
-@cli.hydra_main("train_nads/config")
+@cli.hydra_main("train_nads")
 def main(cfg: DictConfig) -> None:
     train_nads.run(cfg)
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from ntklab.experiments import cli, train_ntk
 
 
-@cli.hydra_main("train_ntk/config")
+@cli.hydra_main("train_ntk")
 def main(cfg: DictConfig) -> None:
     train_ntk.run(cfg)
 

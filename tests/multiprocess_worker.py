@@ -150,14 +150,16 @@ def run_compute_ntk(
 
     after_unit = kill_after_fn(kill_after, process_id)
     if after_unit is not None:
-        compute_ntk.empirical_ntk = functools.partial(
-            compute_ntk.empirical_ntk, _after_unit=after_unit
+        from ntklab.experiments import kernel_job  # forms the kernel (the engine path here)
+
+        kernel_job.empirical_ntk = functools.partial(
+            kernel_job.empirical_ntk, _after_unit=after_unit
         )
     config_dir = Path(__file__).resolve().parents[1] / "config"
     overrides = compute_ntk_overrides(out_dir / "artifacts")
     overrides += distributed_overrides(process_id, num_processes, port)
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name="compute_ntk/config", overrides=overrides)
+        cfg = compose(config_name="compute_ntk", overrides=overrides)
     compute_ntk.run(cfg)
     assert jax.process_count() == num_processes and jax.local_device_count() == 2
 

@@ -26,7 +26,7 @@ DIM = 36
 
 
 def small_config(tmp_path, *extra: str):
-    return compose_config("compute_nads/config", [*SMALL, f"paths.artifacts={tmp_path}", *extra])
+    return compose_config("compute_nads", [*SMALL, f"paths.artifacts={tmp_path}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,9 @@ def test_bad_options_are_clear_errors(tmp_path):
         ValueError, match=r"nads\.dtype='float16' is invalid: must be one of: float32"
     ):
         compute_nads.run(small_config(tmp_path, "nads.dtype=float16"))
-    with pytest.raises(ValueError, match=r"model\.num_outputs=2: NADs are defined for one scalar"):
+    with pytest.raises(
+        ValueError, match=r"model\.num_outputs=2 is invalid: NADs are defined for one scalar"
+    ):
         compute_nads.run(small_config(tmp_path, "model.num_outputs=2"))
     with pytest.raises(
         ValueError, match=r"nads\.shape=\[6, 6\] is invalid: must be a list \[H, W, C\]"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SHARED_DATA, compose_config
 
-from ntklab.artifacts import load_params, load_run
+from ntklab.artifacts import load_arrays, load_params, load_run
+from ntklab.errors import ConfigError
 from ntklab.experiments import compute_ntk
 from ntklab.ntk import empirical_ntk
 
@@ -25,7 +26,7 @@ SMALL = [
 
 
 def small_config(tmp_path, *extra: str):
-    return compose_config("compute_ntk/config", [*SMALL, f"paths.artifacts={tmp_path}", *extra])
+    return compose_config("compute_ntk", [*SMALL, f"paths.artifacts={tmp_path}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,18 @@ def test_writes_the_documented_layout(finished_run):
     assert run_dir == tmp_path / "eigenfunctions" / "digits" / "lenet" / "seed_0"
     names = {p.name for p in run_dir.iterdir()}
     expected = {"eigvals.npy", "eigvecs.npy", "init_params.msgpack", "samples.npz", "kernel.npy"}
+    expected |= {"eigen_gaps.npy", "eigen_residuals.npy", "init_quotients.npz"}
+    expected |= {"kernel_regression.npz"}
     assert expected | {"meta.json", "config.json", "spectrum.png"} <= names
     assert not [name for name in names if name.startswith(".")]  # no temporary leftovers
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["num_samples"] == 42 and meta["num_train"] == 30 and meta["num_test"] == 12
     assert meta["config"]["model"]["name"] == "lenet"
     assert meta["versions"]["jax"]
-    assert set(meta["timings"]) == {"data_s", "init_s", "kernel_s", "eigen_s", "save_s"}
+    assert set(meta["timings"]) == {
+        "data_s", "init_s", "kernel_s", "eigen_s", "quotients_s", "kernel_regression_s", "save_s"
+    }  # fmt: skip
+    assert meta["eigen"]["num_unresolved"] >= 0 and "first_unresolved" in meta["eigen"]
     assert meta["eigen"]["max_residual"] < 1e-4
     eigvals = np.load(run_dir / "eigvals.npy")
     assert eigvals.shape == (6,) and np.all(np.diff(eigvals) <= 0)
@@ -68,6 +74,30 @@ def test_saved_eigenpairs_satisfy_the_recomputed_kernel(finished_run):
     reference = np.linalg.eigvalsh(kernel.astype(np.float64))[::-1][:6]
     np.testing.assert_allclose(run.eigvals, reference, rtol=1e-4)
     np.testing.assert_allclose(run.eigvecs @ run.eigvecs.T, np.eye(6), atol=1e-5)
+
+
+def test_readouts_equal_an_explicit_computation_on_the_saved_kernel(finished_run):
+    """init_quotients.npz and kernel_regression.npz against φᵀKφ and a dense solve of the kernel."""
+    _, run_dir = finished_run
+    run = load_run(run_dir)
+    kernel = np.asarray(run.kernel(), np.float64)
+    phi, n = run.eigvecs.astype(np.float64), run.num_train
+    quotients = load_arrays(run_dir / "init_quotients.npz")
+    for split, rows in (("train", slice(0, n)), ("test", slice(n, None)), ("all", slice(None))):
+        part = phi[:, rows]
+        explicit = np.einsum("ki,ij,kj->k", part, kernel[rows, rows], part)
+        np.testing.assert_allclose(quotients[split], explicit / np.sum(part**2, 1), rtol=1e-6)
+    np.testing.assert_allclose(quotients["all"], run.eigvals, rtol=1e-4)  # unit eigenvectors
+    assert list(quotients["layers"]) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1", "Dense_2"]
+    np.testing.assert_allclose(quotients["layer_all"].sum(0), quotients["all"], rtol=1e-5)
+    regression = load_arrays(run_dir / "kernel_regression.npz")
+    np.testing.assert_array_equal(regression["label_idx"], range(6))
+    ridge = float(regression["ridge"])
+    labels = np.where(phi >= 0, 1.0, -1.0)  # [k, N]
+    coefficients = np.linalg.solve(kernel[:n, :n] + ridge * np.eye(n), labels[:, :n].T)
+    predicted = kernel[n:, :n] @ coefficients  # [N_test, k]
+    signs = np.where(predicted >= 0, 1.0, -1.0)
+    np.testing.assert_allclose(regression["test_acc"], np.mean(signs == labels[:, n:].T, axis=0))
 
 
 def test_rerun_with_same_config_reuses_and_other_config_is_refused(tmp_path):
@@ -115,7 +145,7 @@ def test_load_run_of_a_missing_run_says_what_to_do(tmp_path):
 )
 def test_real_cifar10_subset(tmp_path):
     cfg = compose_config(
-        "compute_ntk/config",
+        "compute_ntk",
         [
             "model=mlp",
             "model.widths=[32]",
@@ -182,7 +212,7 @@ def test_out_of_core_kernel_is_the_in_memory_kernel(tmp_path, finished_run):
 def test_bad_kernel_options_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"needs the kernel, which ntk\.solver=matrix_free never"):
         compute_ntk.run(small_config(tmp_path, "ntk.solver=matrix_free", "ntk.save_kernel=true"))
-    with pytest.raises(ValueError, match=r"ntk\.output must be .trace."):
+    with pytest.raises(ConfigError, match=r"ntk\.output=full is invalid here: .* must be trace"):
         compute_ntk.run(small_config(tmp_path, "ntk.output=full", "overwrite=true"))
     with pytest.raises(ValueError, match=r"ntk\.solver='qr' is invalid: must be one of: auto, de"):
         compute_ntk.run(small_config(tmp_path, "ntk.solver=qr", "overwrite=true"))

@@ -13,20 +13,22 @@ from omegaconf import OmegaConf
 from ntklab.artifacts import RunFolderInUse
 from ntklab.experiments import training
 from ntklab.experiments.cli import USAGE_ERROR, user_error_message
-from ntklab.experiments.schema import (
-    SCRIPT_SCHEMAS,
+from ntklab.experiments.schema import SCRIPT_SCHEMAS, model_schema
+from ntklab.experiments.validation import (
     ConfigError,
     check_command_line,
-    model_schema,
+    check_model,
+    train_config,
     validate,
 )
-from ntklab.models import build_model, model_names
+from ntklab.models import build_model, model_class, model_names
+from ntklab.train import TrainConfig
 
 SCRIPTS = sorted(SCRIPT_SCHEMAS)
 
 
 def compose(script: str, *overrides: str):
-    return compose_config(f"{script}/config", ["paths.run_dir=/nonexistent/run", *overrides])
+    return compose_config(f"{script}", ["paths.run_dir=/nonexistent/run", *overrides])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,17 +36,20 @@ def test_every_config_composes_typed_and_complete(script):
     cfg = compose(script)
     validate(cfg)
     assert OmegaConf.get_type(cfg) is SCRIPT_SCHEMAS[script]
-    assert OmegaConf.get_type(cfg.model).__name__ == "LeNetSchema"
+    check_model(cfg.model)  # the model node is checked against the module's fields
     assert OmegaConf.missing_keys(cfg) == set()  # the YAML sets every key the schema declares
+    if "train" in cfg:  # one definition: the trainer's own config is the schema node
+        assert OmegaConf.get_type(cfg.train) is TrainConfig
+        assert train_config(cfg) == TrainConfig(**OmegaConf.to_container(cfg.train))
     assert cfg.overwrite is False
 
 
 @pytest.mark.parametrize("name", model_names())
 def test_model_schemas_are_the_model_constructor_fields(name):
-    fields = {f.name: f for f in dataclasses.fields(model_schema(name))}
+    fields = {f.name: f for f in dataclasses.fields(model_schema(model_class(name)))}
     model = build_model(name)
     expected = {f.name for f in dataclasses.fields(model)} - {"parent"}
-    assert set(fields) == expected
+    assert set(fields) == expected | {"_target_"}
     cfg = compose("compute_ntk", f"model={name}")
     assert build_model(**cfg.model) == model  # YAML defaults equal the constructor's
 
@@ -158,10 +163,24 @@ def test_lr_normalization_and_bn_statistics_defaults_are_the_studys():
             "+model.depth=3",
             "unknown key model.depth; valid keys of model: name, num_o",
         ),
+        ("compute_ntk", "model=mlp", None),
+        ("compute_ntk", "model=mlp model.widths=[0]", "model: widths=[0] is invalid: every width"),
+        ("train_ntk", "train.momentum=2", "train.momentum=2.0 is invalid: must be a number in"),
+        ("train_ntk", "train.max_lr=0", "train.max_lr=0.0 is invalid: must be a finite number > 0"),
+        ("train_ntk", "order_seed=-1", "order_seed=-1 is invalid: must be null or an integer >= 0"),
+        ("train_cifar", "model.num_outputs=0", "model: num_outputs must be a positive integer"),
+        (
+            "train_ntk",
+            "alignment.every=0",
+            "alignment.every=0 is invalid: must be null or an integer >= 1",
+        ),
     ],
 )
 def test_ranges_choices_and_added_keys_are_refused_in_one_line(script, override, message):
-    cfg = compose(script, override)
+    if message is None:  # the zoo's other models: a valid override stays valid
+        validate(compose(script, *override.split()))
+        return
+    cfg = compose(script, *override.split())
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert str(error.value).startswith(message)
@@ -182,13 +201,13 @@ def test_ranges_choices_and_added_keys_are_refused_in_one_line(script, override,
         (
             "compute_ntk",
             "model.widths=[3]",
-            "unknown key model.widths; valid keys of model: name, n",
+            "unknown key model.widths; valid keys of model: name, num_outputs, activation",
         ),
-        ("compute_ntk", "model=vgg", "In 'compute_ntk/config': Could not find 'model/vgg'; Availa"),
+        ("compute_ntk", "model=vgg", "In 'compute_ntk': Could not find 'model/vgg'; Availa"),
         (
             "train_cifar",
-            "train.lr_normalization=ntk",
-            "unknown key train.lr_normalization; valid keys of train",
+            "train.lr_normalize=ntk",
+            "unknown key train.lr_normalize; valid keys of train",
         ),
     ],
 )

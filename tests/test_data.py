@@ -197,12 +197,18 @@ def test_cifar10_layout_pixels_and_labels(cifar_root):
     np.testing.assert_allclose(ds.test.images[4], expected, rtol=0, atol=1e-7)
 
 
-def test_cifar10_warns_about_unofficial_checksums(cifar_root, caplog):
-    root, _ = cifar_root
+def test_cifar10_warns_about_unofficial_checksums_once_with_the_image_counts(cifar_root, caplog):
+    root, raw = cifar_root
     with caplog.at_level("WARNING"):
-        load_dataset("cifar10", root=root, num_train=10, num_test=5)
+        for _ in range(3):  # a run loads the data more than once (its checks, then the run)
+            load_dataset("cifar10", root=root, num_train=10, num_test=5)
+            load_dataset("cifar2", root=root, num_train=10, num_test=5)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("not the official" in m and "data_batch_1" in m for m in warnings)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    (message,) = warnings
+    assert "not the official dataset" in message and "data_batch_1" in message
+    train, test = len(raw["train_labels"]), len(raw["test_labels"])
+    assert f"they hold {train:,} train and {test:,} test images, not 50,000 and 10,000" in message
 
 
 def test_cifar10_extracts_tar_gz_when_folder_absent(tmp_path):

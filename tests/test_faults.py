@@ -26,9 +26,9 @@ from test_data import write_idx_files
 
 from ntklab import artifacts
 from ntklab.artifacts import DamagedArtifactError, RunFolderInUse, load_run
-from ntklab.experiments import compute_ntk, train_ntk
+from ntklab.errors import ConfigError
+from ntklab.experiments import compute_ntk, kernel_job, train_ntk
 from ntklab.experiments.cli import user_error_message
-from ntklab.experiments.schema import ConfigError
 
 TINY = [
     "model=mlp",
@@ -41,7 +41,7 @@ TINY = [
 
 
 def tiny_config(artifacts_dir, *extra: str):
-    return compose_config("compute_ntk/config", [*TINY, f"paths.artifacts={artifacts_dir}", *extra])
+    return compose_config("compute_ntk", [*TINY, f"paths.artifacts={artifacts_dir}", *extra])
 
 
 def snapshot(folder) -> dict[str, bytes]:
@@ -91,9 +91,12 @@ def test_a_rerun_failing_after_the_claim_keeps_meta_json(copy, monkeypatch):
     def refuse(*args, **kwargs):
         raise ValueError("the resume record belongs to another layout")
 
-    monkeypatch.setattr(compute_ntk, "empirical_ntk", refuse)
+    monkeypatch.setattr(kernel_job, "empirical_ntk", refuse)  # the kernel, whichever path forms it
+    monkeypatch.setattr(kernel_job, "kernel_blocks", refuse)
     with pytest.raises(ValueError, match="another layout"):
-        compute_ntk.run(tiny_config(root, "ntk.save_kernel=true", "ntk.batch_size=8"))
+        compute_ntk.run(
+            tiny_config(root, "ntk.save_kernel=true", "ntk.batch_size=8", "overwrite=true")
+        )
     assert snapshot(run_dir) == before
     load_run(run_dir)  # still a finished run
 
@@ -107,7 +110,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(copy, monkeyp
         calls.append(sorted(p.name for p in run_dir.iterdir()))
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(compute_ntk, "top_eigenpairs", fail_after_moving_aside)
+    monkeypatch.setattr(kernel_job, "top_eigenpairs", fail_after_moving_aside)
     with pytest.raises(RuntimeError, match="out of memory"):
         compute_ntk.run(tiny_config(root, "model.activation=tanh", "overwrite=true"))
     assert ".replaced" in calls[0] and "meta.json" not in calls[0]  # the old run was moved aside
@@ -127,7 +130,7 @@ def test_a_failed_run_leaves_no_stub_that_refuses_the_corrected_run(tmp_path, mo
     def crash(*args, **kwargs):
         raise RuntimeError("crash inside the solver")
 
-    monkeypatch.setattr(compute_ntk, "nystrom_eigenpairs", crash)
+    monkeypatch.setattr(kernel_job, "nystrom_eigenpairs", crash)
     with pytest.raises(RuntimeError, match="crash inside"):
         compute_ntk.run(tiny_config(tmp_path, "ntk.solver=nystrom", "ntk.nystrom_dims=20"))
     assert not (
@@ -169,7 +172,7 @@ def test_train_ntk_refuses_a_damaged_eigenfunction_run(copy, tmp_path):
     data[-1] ^= 0x80
     path.write_bytes(bytes(data))
     cfg = compose_config(
-        "train_ntk/config",
+        "train_ntk",
         [
             *TINY[:4],
             "train.epochs=1",
@@ -217,7 +220,9 @@ def test_bad_json_names_the_file(copy):
 
 def test_rerun_without_saving_the_kernel_leaves_no_stale_kernel(copy):
     root, run_dir = copy
-    compute_ntk.run(tiny_config(root))  # same identity, in memory, kernel not saved
+    compute_ntk.run(tiny_config(root))  # finished: left as it is
+    assert (run_dir / "kernel.npy").exists()
+    compute_ntk.run(tiny_config(root, "overwrite=true"))  # computed again, kernel not saved
     assert not (run_dir / "kernel.npy").exists()
     with pytest.raises(FileNotFoundError, match=r"without ntk\.save_kernel=true"):
         load_run(run_dir).kernel()
@@ -272,7 +277,7 @@ def test_temporaries_are_unique_per_process_and_swept_after_a_kill(copy):
     with artifacts.atomic_path(run_dir / "x.png") as temp:
         assert f".x.{os.getpid()}-" in temp.name and temp.suffix == ".png"
         (run_dir / "x.png").unlink(missing_ok=True)
-    compute_ntk.run(tiny_config(root, "ntk.save_kernel=true"))
+    compute_ntk.run(tiny_config(root, "ntk.save_kernel=true", "overwrite=true"))
     assert not any(path.exists() for path in stale)
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
 
@@ -297,7 +302,7 @@ def test_full_disk_names_the_file_and_keeps_the_finished_run(copy, monkeypatch):
 
     monkeypatch.setattr(np, "save", disk_full)
     with pytest.raises(OSError, match=r"No space left on device") as error:
-        compute_ntk.run(tiny_config(root, "ntk.save_kernel=true"))
+        compute_ntk.run(tiny_config(root, "ntk.save_kernel=true", "overwrite=true"))
     assert error.value.filename == str(run_dir / "eigvals.npy")
     assert user_error_message(error.value) == (
         f"No space left on device: {run_dir / 'eigvals.npy'}",
@@ -310,14 +315,22 @@ def test_full_disk_names_the_file_and_keeps_the_finished_run(copy, monkeypatch):
 
 
 def test_non_finite_kernel_is_a_clear_error(tmp_path, monkeypatch):
-    real = compute_ntk.empirical_ntk
+    real_ntk, real_blocks = kernel_job.empirical_ntk, kernel_job.kernel_blocks
 
     def poisoned(*args, **kwargs):
-        kernel = np.array(real(*args, **kwargs))
+        kernel = np.array(real_ntk(*args, **kwargs))
         kernel[5, 7] = np.nan
         return kernel
 
-    monkeypatch.setattr(compute_ntk, "empirical_ntk", poisoned)
+    def poisoned_blocks(*args, **kwargs):
+        for rows, cols, block, layers in real_blocks(*args, **kwargs):
+            if rows.start <= 5 < rows.stop and cols.start <= 7 < cols.stop:
+                block = np.array(block)
+                block[5 - rows.start, 7 - cols.start] = np.nan
+            yield rows, cols, block, layers
+
+    monkeypatch.setattr(kernel_job, "empirical_ntk", poisoned)
+    monkeypatch.setattr(kernel_job, "kernel_blocks", poisoned_blocks)
     with pytest.raises(ValueError, match=r"non-finite entries .*first at \[5, 7\]"):
         compute_ntk.run(tiny_config(tmp_path))
     assert not (tmp_path / "eigenfunctions" / "digits" / "mlp" / "seed_0").exists()
@@ -331,7 +344,7 @@ def test_relative_data_root_resolves_against_the_runs_working_dir(tmp_path, monk
     write_idx_files(work / "data" / "mnist", np.arange(16) % 10, np.arange(8) % 10, gz=False)
     monkeypatch.chdir(work)
     cfg = compose_config(
-        "compute_ntk/config",
+        "compute_ntk",
         [
             "model=mlp",
             "model.widths=[4]",
@@ -354,7 +367,7 @@ def test_relative_data_root_resolves_against_the_runs_working_dir(tmp_path, monk
 
 INTERRUPT = """
 import os, runpy, signal, sys, time
-import ntklab.experiments.compute_ntk as experiment
+import ntklab.experiments.kernel_job as experiment
 
 how = sys.argv[-1]
 
@@ -364,7 +377,7 @@ def interrupted(*args, **kwargs):
         time.sleep(30)
     raise KeyboardInterrupt
 
-experiment.empirical_ntk = interrupted
+experiment.empirical_ntk = experiment.kernel_blocks = interrupted
 script, overrides = sys.argv[1], sys.argv[2:-1]
 sys.argv = [script, *overrides]
 runpy.run_path(script, run_name="__main__")
@@ -416,7 +429,7 @@ def test_entry_scripts_report_errors_and_interruptions_in_one_line(copy, tmp_pat
             script("train_ntk.py", "train.epochs=0", fresh),
             "1",
             1,
-            r"^ntklab\.experiments\.schema\.ConfigError: train\.epochs=0 is invalid",
+            r"^ntklab\.errors\.ConfigError: train\.epochs=0 is invalid",
         ),
         "Ctrl-C": (
             interrupt("SIGINT"),

@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fitting import fit
 from jax.flatten_util import ravel_pytree
 
 from ntklab.data import load_dataset
 from ntklab.models import build_model, init_variables, train_apply_fn
-from ntklab.train import TrainConfig, eval_apply_fn, fit
+from ntklab.train import TrainConfig, eval_apply_fn
 
 NUM_TRAIN, NUM_TEST, BATCH_SIZE = 24, 11, 10  # 3 steps per epoch, the last one of 4 examples
 EPOCHS = 6
@@ -81,7 +82,7 @@ jax.config.update("jax_default_prng_impl", "rbg")  # as tests/conftest.py
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_faults_training import flat, problem
-from ntklab.train import fit
+from fitting import fit
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 mode, checkpoint_dir, out = sys.argv[1:4]
 kwargs = problem("mlp")

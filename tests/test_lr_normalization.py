@@ -106,7 +106,7 @@ def test_lr_scale_is_the_ratio_of_the_two_top_eigenvalues(float64):
 
 def make_eigenfunctions(root, model: list[str]) -> None:
     cfg = compose_config(
-        "compute_ntk/config", [*model, *DATA, "ntk.num_eigvecs=4", f"paths.artifacts={root}"]
+        "compute_ntk", [*model, *DATA, "ntk.num_eigvecs=4", f"paths.artifacts={root}"]
     )
     compute_ntk.run(cfg)
 
@@ -127,7 +127,7 @@ def resnet_artifacts(tmp_path_factory):
 
 def config(script: str, model: list[str], root, run_dir, *overrides: str):
     return compose_config(
-        f"{script}/config",
+        f"{script}",
         [*model, *DATA, *TRAIN, f"paths.artifacts={root}", f"paths.run_dir={run_dir}", *overrides],
     )
 
@@ -223,7 +223,7 @@ def test_linear_pretrained_uses_the_chosen_batch_stats(float64, bn_statistics):
     )
     chosen = init["batch_stats"] if bn_statistics == "initial" else trained_stats
     other = trained_stats if bn_statistics == "initial" else init["batch_stats"]
-    assert setup["batch_stats"] is chosen
+    assert setup.batch_stats is chosen
     x = rng.normal(size=(4, 8, 8, 1))
     direction = jax.tree.map(lambda a: rng.normal(size=a.shape), trained)
     moved = jax.tree.map(lambda a, d: a + d, trained, direction)
@@ -232,7 +232,7 @@ def test_linear_pretrained_uses_the_chosen_batch_stats(float64, bn_statistics):
         network = inference_apply_fn(model, {"params": trained, "batch_stats": stats})
         return jax.jvp(lambda p: network(p, x), (trained,), (direction,))[1]
 
-    got = setup["apply_fn"](moved, x)
+    got = setup.apply_fn(moved, x)
     np.testing.assert_allclose(got, manual(chosen), rtol=1e-9, atol=1e-12)
     assert np.abs(got - manual(other)).max() > 1e-3  # the choice matters
 

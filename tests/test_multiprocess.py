@@ -192,7 +192,7 @@ def test_compute_ntk_end_to_end(compute_ntk_cluster, tmp_path):
     import multiprocess_worker
 
     overrides = multiprocess_worker.compute_ntk_overrides(tmp_path / "single")
-    reference = artifacts.load_run(compute_ntk.run(compose_config("compute_ntk/config", overrides)))
+    reference = artifacts.load_run(compute_ntk.run(compose_config("compute_ntk", overrides)))
     kernel = np.asarray(reference.kernel())
     np.testing.assert_allclose(run.kernel(), kernel, atol=1e-6 * np.abs(kernel).max())
     np.testing.assert_allclose(run.eigvals, reference.eigvals, rtol=1e-5)

@@ -10,6 +10,7 @@ import csv
 import itertools
 import json
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -21,8 +22,9 @@ from conftest import CONFIG_DIR, REPO_ROOT, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import read_write
 
-from ntklab.experiments import presets, train_ntk
-from ntklab.experiments.schema import SCRIPT_SCHEMAS, validate
+from ntklab.experiments import prerequisites, presets, train_ntk
+from ntklab.experiments.schema import SCRIPT_SCHEMAS
+from ntklab.experiments.validation import validate
 from ntklab.locking import acquire_lock, release_lock
 
 PRESETS = {
@@ -43,7 +45,7 @@ NEEDS_LR_NORMALIZATION = pytest.mark.skipif(
 
 def compose_with_hydra(script: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(f"{script}/config", overrides=overrides, return_hydra_config=True)
+        return compose(f"{script}", overrides=overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -52,17 +54,40 @@ def test_each_preset_composes_into_a_valid_sweep_of_its_script(name):
         pytest.skip("train.lr_normalization is not in the schema yet")
     script = PRESETS[name]
     cfg = compose_with_hydra(script, [f"experiment={name}"])
-    assert cfg.hydra.sweep.dir.startswith(f"multirun/experiment/{name}/")
+    assert cfg.hydra.sweep.dir.startswith(f"artifacts/sweeps/{name}/")
     assert cfg.hydra.callbacks.preset._target_ == "ntklab.experiments.presets.PresetCallback"
     assert cfg.hydra.callbacks.preset.script == script
     params = dict(cfg.hydra.sweeper.params)
     assert params["seed"] == "0,1,2" and len(params) >= 3
     if script != "train_cifar":
         assert cfg.prerequisites == "create"
-    plain = compose_config(f"{script}/config", [f"experiment={name}"])
+    plain = compose_config(f"{script}", [f"experiment={name}"])
     validate(plain)  # the preset's values pass the schema's range and choice checks
     expected = np.prod([len(str(v).split(",")) for v in params.values()])
     assert len(presets.sweep_jobs(cfg)) == expected
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        ["experiment=eigenfunctions"],
+        ["experiment=eigenfunctions", "label_idx=3,5", "seed=1"],
+        ["experiment=eigenfunctions", "seed=2,0", "+foo=1", "linearize=false"],
+    ],
+)
+def test_sweep_jobs_are_hydras_basic_sweeper_jobs_in_its_order(task):
+    """The plan's job list equals the one Hydra's own sweeper launches (its private API is the
+    oracle here; the library itself expands the grid with the public override parser)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_with_hydra("train_ntk", ["experiment=eigenfunctions"])
+    with read_write(cfg.hydra):
+        cfg.hydra.overrides.task = task
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *task])
+    (expected,) = BasicSweeper.split_arguments(overrides, None)
+    assert presets.sweep_jobs(cfg) == expected
 
 
 def test_sweep_jobs_is_the_product_and_the_command_line_wins():
@@ -79,9 +104,9 @@ def test_sweep_jobs_is_the_product_and_the_command_line_wins():
 
 
 def test_the_default_requires_the_prerequisite_and_validate_refuses_other_values(tmp_path):
-    cfg = compose_config("train_ntk/config", [f"paths.artifacts={tmp_path}"])
+    cfg = compose_config("train_ntk", [f"paths.artifacts={tmp_path}"])
     assert cfg.prerequisites == "require"
-    bad = compose_config("train_ntk/config", ["prerequisites=maybe"])
+    bad = compose_config("train_ntk", ["prerequisites=maybe"])
     with pytest.raises(ValueError, match=r"prerequisites='maybe' is invalid: .*require, create"):
         validate(bad)
 
@@ -102,7 +127,11 @@ def run_script(script: str, overrides: list[str], cwd: Path) -> str:
 
 def check_page(sweep: Path, output: str, *, name: str, runs: int, column: str, values: set):
     assert f"preset {name}: {runs} runs of " in output
-    assert "estimated training time" in output
+    estimate = re.search(
+        rf"preset {name}: estimated wall time .*: training .*, alignment .*, prerequisite runs ",
+        output,
+    )
+    assert estimate, output[-3000:]
     assert f"preset {name}: results page {sweep / 'report.md'}" in output
     with open(sweep / "report.csv") as f:
         rows = list(csv.DictReader(f))
@@ -198,7 +227,7 @@ def test_pretrained_miniature_creates_the_seed_run_and_ends_in_a_page(tmp_path):
     assert output.count("computing it now (seed 0)") == 1
     _, page = check_page(sweep, output, name="pretrained", runs=2, column="label_idx",
                             values={"0", "1"})  # fmt: skip
-    assert "linear_pretrained" in page
+    assert "linearization at θ_T" in page
 
 
 def test_a_dry_run_prints_the_clipped_plan_and_launches_nothing(tmp_path):
@@ -232,7 +261,7 @@ def test_a_run_waits_for_the_job_computing_its_prerequisite_then_proceeds(
     tmp_path, monkeypatch, caplog
 ):
     """A folder locked by another job is not computed twice: the run waits for the lock."""
-    monkeypatch.setattr(presets, "POLL_S", 0.05)
+    monkeypatch.setattr(prerequisites, "POLL_S", 0.05)
     folder = tmp_path / "eigenfunctions/digits/mlp/seed_0"
     folder.mkdir(parents=True)
     lock = folder / ".lock"
@@ -245,7 +274,7 @@ def test_a_run_waits_for_the_job_computing_its_prerequisite_then_proceeds(
 
     holder = threading.Thread(target=release_later)
     holder.start()
-    original = presets._create_once
+    original = prerequisites._create_once
 
     def create_once(path, create, **kwargs):
         def create_then_release():
@@ -256,14 +285,14 @@ def test_a_run_waits_for_the_job_computing_its_prerequisite_then_proceeds(
 
         return original(path, create_then_release, **kwargs)
 
-    monkeypatch.setattr(presets, "_create_once", create_once)
+    monkeypatch.setattr(prerequisites, "_create_once", create_once)
     cfg = compose_config(
-        "train_ntk/config",
+        "train_ntk",
         [*TINY, "label_idx=1", "prerequisites=create", "alignment.enabled=false",
          "data.num_train=20", "data.num_test=10", f"paths.artifacts={tmp_path}",
          f"paths.run_dir={tmp_path / 'train'}"],
     )  # fmt: skip
-    with caplog.at_level("INFO", logger="ntklab.experiments.presets"):
+    with caplog.at_level("INFO", logger="ntklab.experiments.prerequisites"):
         run_dir = train_ntk.run(cfg)
     holder.join()
     assert "in use by PID" in caplog.text and "waiting for that job" in caplog.text

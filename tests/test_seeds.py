@@ -21,13 +21,13 @@ def test_two_seeds_give_two_eigenfunction_runs_and_two_initializations(tmp_path)
     for seed in (0, 1):
         compute_ntk.run(
             compose_config(
-                "compute_ntk/config",
+                "compute_ntk",
                 [*COMMON, f"seed={seed}", "ntk.num_eigvecs=3", f"paths.artifacts={tmp_path}"],
             )
         )
         run_dir = train_ntk.run(
             compose_config(
-                "train_ntk/config",
+                "train_ntk",
                 [
                     *COMMON,
                     *TRAIN,
@@ -52,19 +52,20 @@ def test_two_seeds_give_two_eigenfunction_runs_and_two_initializations(tmp_path)
 
 def test_a_missing_seed_run_prints_the_command_with_that_seed(tmp_path):
     cfg = compose_config(
-        "train_ntk/config",
+        "train_ntk",
         [*COMMON, *TRAIN, "seed=7", f"paths.artifacts={tmp_path}", f"paths.run_dir={tmp_path / 'r'}"],
     )  # fmt: skip
     with pytest.raises(FileNotFoundError, match="make it with:") as error:
         train_ntk.run(cfg)
-    command = str(error.value).splitlines()[-1]
+    command = str(error.value).splitlines()[1]  # the line after "make it with:"
     assert "compute_ntk.py seed=7 " in command and command.endswith("/seed_7")
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_order_seed_defaults_to_seed_and_majority_rate_matches_numpy():
-    cfg = compose_config("train_ntk/config", ["seed=3"])
+    cfg = compose_config("train_ntk", ["seed=3"])
     assert cfg.order_seed is None and order_seed(cfg) == 3
-    assert order_seed(compose_config("train_ntk/config", ["seed=3", "order_seed=5"])) == 5
+    assert order_seed(compose_config("train_ntk", ["seed=3", "order_seed=5"])) == 5
     labels = np.random.default_rng(0).integers(0, 2, 101).astype(np.float32)
     expected = max(np.mean(labels == 0), np.mean(labels == 1))
     assert majority_rate(labels) == pytest.approx(expected)

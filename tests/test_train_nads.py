@@ -6,6 +6,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, compose_config
@@ -28,14 +29,14 @@ def lenet_nads(tmp_path_factory):
     """The NADs of a LeNet on [8, 8, 1] inputs (D = 64), under ``<tmp>/nads/lenet``."""
     artifacts_dir = tmp_path_factory.mktemp("train_nads")
     compute_nads.run(
-        compose_config("compute_nads/config", [*CNN_NADS, f"paths.artifacts={artifacts_dir}"])
+        compose_config("compute_nads", [*CNN_NADS, f"paths.artifacts={artifacts_dir}"])
     )
     return artifacts_dir
 
 
 def train_cfg(artifacts_dir, run_dir, *extra: str):
     return compose_config(
-        "train_nads/config",
+        "train_nads",
         [*TRAIN, f"paths.artifacts={artifacts_dir}", f"paths.run_dir={run_dir}", *extra],
     )
 
@@ -55,9 +56,6 @@ def test_training_on_the_top_nad_of_a_small_cnn_beats_chance(lenet_nads, tmp_pat
     assert {"metrics.json", "metrics.jsonl", "params.msgpack", "meta.json"} <= {
         p.name for p in run_dir.iterdir()
     }
-    mode = "linear" if linearize else "network"
-    summary = lenet_nads / "train_nads" / "lenet" / f"nad_0-{mode}-seed_0.json"
-    assert json.loads(summary.read_text())["test/acc"] == metrics["test/acc"]
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["num_train"] == 300 and meta["input_shape"] == [8, 8, 1]
 
@@ -72,7 +70,7 @@ def test_the_bottom_nad_is_much_harder_than_the_top_one(lenet_nads, tmp_path):
 def test_missing_run_prints_the_command_that_makes_it(tmp_path):
     overrides = ["model=mlp", "model.widths=[8]", "data.num_train=64", "data.num_test=32"]
     cfg = compose_config(
-        "train_nads/config",
+        "train_nads",
         [
             *overrides,
             "train.epochs=1",
@@ -90,7 +88,7 @@ def test_missing_run_prints_the_command_that_makes_it(tmp_path):
     words = shlex.split(command)
     assert words[:2] == ["python", "compute_nads.py"]
     # The printed command makes exactly the run the training needs (D = 1,024 for a tiny MLP).
-    compute_nads.run(compose_config("compute_nads/config", [*words[2:], "nads.num_plot=2"]))
+    compute_nads.run(compose_config("compute_nads", [*words[2:], "nads.num_plot=2"]))
     run_dir = train_nads.run(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["config"]["label_idx"] == 0 and "test/acc" in metrics
@@ -99,7 +97,9 @@ def test_missing_run_prints_the_command_that_makes_it(tmp_path):
 def test_out_of_range_label_and_other_model_are_clear_errors(lenet_nads, tmp_path):
     with pytest.raises(ValueError, match=r"label_idx=64 is out of range: .* 64 NADs"):
         train_nads.run(train_cfg(lenet_nads, tmp_path / "a", "label_idx=64"))
-    with pytest.raises(ValueError, match=r"another model \(model\.activation: run has 'gelu'"):
+    with pytest.raises(
+        ValueError, match=r"another configuration \(model\.activation: run has 'gel"
+    ):
         train_nads.run(train_cfg(lenet_nads, tmp_path / "b", "model.activation=tanh"))
 
 
@@ -115,6 +115,11 @@ def test_entry_script_runs_from_the_command_line(lenet_nads, tmp_path):
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "hydra" / "metrics.json").read_text())
-    assert metrics["nad_idx"] == 3 and metrics["linearize"] is False and metrics["epoch"] == 1
+    # Hydra's folder holds its log and a pointer to the run folder, which holds no Hydra file.
     assert (tmp_path / "hydra" / "train_nads.log").exists()
+    run_dir = Path(json.loads((tmp_path / "hydra" / "run.json").read_text())["run_dir"])
+    assert run_dir.parent == lenet_nads / "train_nads" / "lenet"
+    assert run_dir.name.startswith("nad_3-network-seed_0-")
+    assert not (run_dir / ".hydra").exists() and not list(run_dir.glob("*.log"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["nad_idx"] == 3 and metrics["linearize"] is False and metrics["epoch"] == 1

@@ -9,6 +9,7 @@ import pickle
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ def artifacts_dir(tmp_path_factory):
     """A finished compute_ntk run (tiny MLP on digits, 6 eigenpairs) under <tmp>/eigenfunctions."""
     root = tmp_path_factory.mktemp("artifacts")
     cfg = compose_config(
-        "compute_ntk/config",
+        "compute_ntk",
         [*COMMON, f"ntk.num_eigvecs={NUM_EIGVECS}", f"paths.artifacts={root}"],
     )
     compute_ntk.run(cfg)
@@ -40,7 +41,7 @@ def artifacts_dir(tmp_path_factory):
 
 def config(name: str, artifacts_dir, run_dir, *overrides: str):
     return compose_config(
-        f"{name}/config",
+        f"{name}",
         [
             *COMMON,
             *TRAIN,
@@ -84,8 +85,8 @@ def test_network_run_writes_metrics_alignment_and_summary(artifacts_dir, network
     assert (network_run / "meta.json").stat().st_mtime >= (
         network_run / "metrics.json"
     ).stat().st_mtime
-    summary = artifacts_dir / "train_ntk" / "digits" / "mlp" / "label_4-network-seed_0.json"
-    assert json.loads(summary.read_text())["run_dir"] == str(network_run.resolve())
+    # nothing outside the run folder: beside it only other run folders, no summary files
+    assert all(entry.is_dir() for entry in network_run.parent.iterdir())
 
     alignment = load_arrays(network_run / "alignment.npz")
     np.testing.assert_array_equal(alignment["indices"], [0, 1, 2, 4])
@@ -105,8 +106,8 @@ def test_network_run_writes_metrics_alignment_and_summary(artifacts_dir, network
 def test_labels_are_exactly_the_binarized_eigenvector(artifacts_dir, tmp_path, monkeypatch):
     captured = {}
 
-    def fake_fit(**kwargs):
-        captured.update(kwargs)
+    def fake_fit(trainee, data, config, **kwargs):
+        captured.update(vars(trainee), **data._asdict(), config=config, **kwargs)
         raise InterruptedError  # stop before training
 
     monkeypatch.setattr(train_ntk, "fit", fake_fit)
@@ -151,7 +152,7 @@ def test_missing_run_error_prints_the_compute_ntk_command(artifacts_dir, tmp_pat
     command = str(error.value).split("\n")[-1].strip()
     words = shlex.split(command)
     assert words[:4] == ["python", "compute_ntk.py", "seed=0", "model=mlp"]
-    compute_cfg = compose_config("compute_ntk/config", words[2:])  # the command composes ...
+    compute_cfg = compose_config("compute_ntk", words[2:])  # the command composes ...
     identity = compute_ntk.run_identity(compute_cfg)  # ... into the run this config needs
     assert identity["model"] == {**dict(cfg.model), "widths": [16]}
     assert identity["data"] == {k: v for k, v in cfg.data.items() if k not in ("root", "download")}
@@ -204,21 +205,21 @@ def test_comparison_setup_linearizes_at_the_trained_params_with_initial_batchnor
     setup = pretrained_ntk_comparison.comparison_setup(
         "linear_pretrained", model=model, init_variables=init, pretrained_params=trained
     )
-    assert setup["params"] is trained and setup["batch_stats"] is init["batch_stats"]
-    assert setup.get("train_apply_fn") is None
-    np.testing.assert_array_equal(setup["apply_fn"](trained, x), 0.0)
+    assert setup.params is trained and setup.batch_stats is init["batch_stats"]
+    assert setup.train_apply_fn is None
+    np.testing.assert_array_equal(setup.apply_fn(trained, x), 0.0)
     direction = jax.tree.map(lambda a: rng.normal(size=a.shape), trained)
     moved = jax.tree.map(lambda a, d: a + d, trained, direction)
     network = inference_apply_fn(model, init)  # initial statistics, inference mode
     expected = jax.jvp(lambda p: network(p, x), (trained,), (direction,))[1]
-    np.testing.assert_allclose(setup["apply_fn"](moved, x), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(setup.apply_fn(moved, x), expected, rtol=1e-9, atol=1e-12)
     first = pretrained_ntk_comparison.comparison_setup(
         "linear_init", model=model, init_variables=init
     )
-    assert first["params"] is init["params"]
-    np.testing.assert_array_equal(first["apply_fn"](init["params"], x), 0.0)
+    assert first.params is init["params"]
+    np.testing.assert_array_equal(first.apply_fn(init["params"], x), 0.0)
     network_setup = pretrained_ntk_comparison.comparison_setup("network", model=model, init_variables=init)  # fmt: skip
-    assert network_setup["apply_fn"] is None and network_setup["params"] is init["params"]
+    assert network_setup.apply_fn is None and network_setup.params is init["params"]
     with pytest.raises(ValueError, match="unknown run 'other'; valid choices: network"):
         pretrained_ntk_comparison.comparison_setup("other", model=model, init_variables=init)
 
@@ -245,13 +246,18 @@ def test_train_cifar_on_a_tiny_cifar_folder(tmp_path, monkeypatch):
     write_tiny_cifar(tmp_path / "data" / "cifar-10-batches-py")
     captured = {}
     real_fit = train_cifar.fit
-    monkeypatch.setattr(train_cifar, "fit", lambda **kw: captured.update(kw) or real_fit(**kw))
+
+    def spy(trainee, data, config, **kwargs):
+        captured.update(data._asdict())
+        return real_fit(trainee, data, config, **kwargs)
+
+    monkeypatch.setattr(train_cifar, "fit", spy)
     overrides = [
         "model=mlp", "model.widths=[16]", f"data.root={tmp_path / 'data'}", "data.num_train=20",
         "data.num_test=10", "train.epochs=1", "train.batch_size=10", "progress=false",
         f"paths.artifacts={tmp_path / 'artifacts'}", f"paths.run_dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    run_dir = train_cifar.run(compose_config("train_cifar/config", [*overrides, "linearize=true"]))
+    run_dir = train_cifar.run(compose_config("train_cifar", [*overrides, "linearize=true"]))
     samples = load_arrays(run_dir / "samples.npz")
     raw_labels = []
     for b in range(1, 6):
@@ -262,9 +268,9 @@ def test_train_cifar_on_a_tiny_cifar_folder(tmp_path, monkeypatch):
     assert 0 < expected.mean() < 1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["mode"] == "linear" and metrics["num_train"] == 20 and metrics["num_test"] == 10
-    assert (tmp_path / "artifacts" / "train_cifar" / "cifar2" / "mlp" / "n_20-linear-seed_0.json").exists()  # fmt: skip
-    with pytest.raises(ValueError, match=r"data\.dataset='cifar10' has 10 classes; use a binary"):
-        train_cifar.run(compose_config("train_cifar/config", [*overrides, "data.dataset=cifar10"]))
+    assert not (tmp_path / "artifacts").exists()  # nothing written outside paths.run_dir
+    with pytest.raises(ValueError, match=r"data\.dataset=cifar10 is invalid here: .* 10 classes"):
+        train_cifar.run(compose_config("train_cifar", [*overrides, "data.dataset=cifar10"]))
 
 
 @pytest.mark.skipif(
@@ -277,7 +283,7 @@ def test_train_cifar_on_the_real_subset(tmp_path):
         "data.num_test=20", "train.epochs=1", "train.batch_size=20", "progress=false",
         f"paths.artifacts={tmp_path / 'artifacts'}", f"paths.run_dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    run_dir = train_cifar.run(compose_config("train_cifar/config", overrides))
+    run_dir = train_cifar.run(compose_config("train_cifar", overrides))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["mode"] == "network" and metrics["num_train"] == 40
     assert 0 <= metrics["test/acc"] <= 1 and metrics["config"]["data"]["dataset"] == "cifar2"
@@ -293,8 +299,12 @@ def test_multirun_sweep_and_report(artifacts_dir, tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "1", "2", "3"]
-    assert (sweep / "0" / "train_ntk.log").exists()  # Hydra's job folder is the run folder
+    pointers = sorted(sweep.glob("*/run.json"))  # Hydra's job folders point at the run folders
+    assert [p.parent.name for p in pointers] == ["0", "1", "2", "3"]
+    runs = [Path(json.loads(p.read_text())["run_dir"]) for p in pointers]
+    assert all((run / "metrics.json").is_file() and (run / "meta.json").is_file() for run in runs)
+    assert all(run.parent == artifacts_dir / "train_ntk" / "digits" / "mlp" for run in runs)
+    assert (sweep / "0" / "train_ntk.log").exists() and not list(runs[0].glob("*.log"))
 
     report = subprocess.run(
         [sys.executable, "-m", "ntklab.report", str(sweep)],
@@ -320,7 +330,7 @@ def test_multirun_sweep_and_report(artifacts_dir, tmp_path):
 )
 def test_launcher_presets_compose(preset, plugin, target):
     pytest.importorskip(plugin, reason=f"{plugin} not installed (pip install -e '.[sweep,slurm]')")
-    cfg = compose_config_with_hydra("train_ntk/config", [f"hydra/launcher={preset}"])
+    cfg = compose_config_with_hydra("train_ntk", [f"hydra/launcher={preset}"])
     assert cfg.hydra.launcher._target_.endswith(target)
 
 

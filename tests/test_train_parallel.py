@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from fitting import fit
 
-from ntklab.train import TrainConfig, fit
+from ntklab.train import TrainConfig
 
 SCRIPT = """
 import os, sys
+sys.path.insert(0, {tests!r})
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, numpy as np
 jax.config.update("jax_default_prng_impl", "rbg")
@@ -25,7 +28,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 from jax.flatten_util import ravel_pytree
 from ntklab.data import load_dataset
 from ntklab.models import build_model, init_variables, train_apply_fn
-from ntklab.train import TrainConfig, eval_apply_fn, fit
+from fitting import fit
+from ntklab.train import TrainConfig, eval_apply_fn
 
 devices = jax.devices()
 assert len(devices) == 4, devices
@@ -68,7 +72,7 @@ print("PARALLEL-OK")
 
 def test_four_devices_train_the_single_device_params(tmp_path):
     script = tmp_path / "parallel.py"
-    script.write_text(SCRIPT.format(rtol=2e-5))
+    script.write_text(SCRIPT.format(rtol=2e-5, tests=str(Path(__file__).parent)))
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and "PARALLEL-OK" in result.stdout, (
         result.stdout[-2000:] + result.stderr[-4000:]

@@ -30,20 +30,22 @@ from typing import Any
 
 import jax
 
+from ntklab.errors import ConfigError, DistributedError, PeerFailed
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistributedError", "PeerFailed", "Together", "initialize", "is_writer", "together"]
+__all__ = [
+    "DistributedError",
+    "PeerFailed",
+    "Together",
+    "initialize",
+    "is_writer",
+    "requested",
+    "together",
+]
 
 _POLL_S = 0.2
 _RUN_IDS = itertools.count()
-
-
-class DistributedError(RuntimeError):
-    """The distributed runtime could not start (no coordinator, a busy port, JAX already running)."""
-
-
-class PeerFailed(RuntimeError):
-    """Another process of the run failed; the message names it and gives its error."""
 
 
 def _slurm_tasks() -> int:
@@ -55,6 +57,15 @@ def _slurm_tasks() -> int:
         return int(count)
     except ValueError:
         return 0
+
+
+def requested(settings: Mapping[str, Any] | None) -> bool:
+    """Whether ``settings`` (or SLURM, or a runtime the caller started) mean several processes;
+    starts nothing."""
+    settings = dict(settings or {})
+    if settings.get("coordinator_address") is not None or _slurm_tasks() > 1:
+        return True
+    return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 def initialize(settings: Mapping[str, Any] | None) -> bool:
@@ -73,8 +84,6 @@ def initialize(settings: Mapping[str, Any] | None) -> bool:
       DistributedError: the runtime could not start (the coordinator unreachable within
         ``timeout_s``, JAX computations already ran, or another runtime is already started).
     """
-    from ntklab.experiments.schema import ConfigError
-
     settings = dict(settings or {})
     keys = ("coordinator_address", "num_processes", "process_id")
     address, num_processes, process_id = (settings.get(key) for key in keys)
@@ -144,9 +153,10 @@ class Together:
     """The outcome of one run shared by its processes (see :func:`together`)."""
 
     def __init__(self) -> None:
-        from jax._src import distributed
+        # The runtime's key-value store, through orbax's public accessor (JAX keeps it private).
+        from orbax.checkpoint import multihost
 
-        self._client = distributed.global_state.client
+        self._client = multihost.get_jax_distributed_client()
         self.num_processes = jax.process_count()
         self.process_id = jax.process_index()
         self._prefix = f"ntklab/run{next(_RUN_IDS)}/"

@@ -1,6 +1,7 @@
 """Exclusive, non-blocking file locks that record their holder's PID (``fcntl.flock``).
 
 fd = acquire_lock(Path("run/.lock"))      # raises LockHeld(pid) if another process holds it
+lock_holder(Path("run/.lock"))            # its PID, or None; read-only
 ...
 release_lock(Path("run/.lock"), fd)
 """
@@ -53,3 +54,37 @@ def release_lock(lock_path: Path, fd: int) -> None:
     lock_path.unlink(missing_ok=True)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def lock_holder(lock_path: Path) -> str | None:
+    """The PID holding ``lock_path``, or None when nobody does; creates and changes nothing.
+
+    A lock file is removed when released, so one that exists was left by a holder that is still
+    running or was killed; a killed holder's file is stale (its PID is gone, or the lock is free).
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        if pid.isdigit() and not _alive(int(pid)):
+            return None
+        try:  # a live PID: confirm that it holds the lock (PIDs are reused)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return pid
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -48,7 +48,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from ntklab.eigen import top_eigenpairs
-from ntklab.ntk import _block_slices
+from ntklab.ntk import block_slices
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
 
@@ -170,7 +170,7 @@ def mixed_gram(
     batch_size = min(batch_size, dim)
     apply_fn = apply_fn if isinstance(apply_fn, Partial) else Partial(apply_fn)
     gram = np.empty((dim, dim), np.float64)
-    blocks = _block_slices(dim, batch_size)  # the engine's blocking; the last block is padded
+    blocks = block_slices(dim, batch_size)  # the engine's blocking; the last block is padded
     bar = progress_bar(total=len(blocks), desc="AᵀA blocks", unit="block", enabled=progress)
     for block in blocks:
         start, stop = block.start, block.stop

@@ -2,17 +2,16 @@
 
 Dimensions: N examples (N_train, N_test), B examples per batch, K = 1 output (one logit).
 
-    result = fit(
-        apply_fn=None,                          # or linearize(apply_fn, params0): see below
+    trainee = Trainee(
+        params=variables["params"], batch_stats=variables.get("batch_stats", {}),
         train_apply_fn=train_apply_fn(model),   # (params, batch_stats, x[B, ...]) -> ([B, 1], stats)
         eval_apply_fn=eval_apply_fn(model),     # BatchNorm models: inference with the state's stats
-        params=variables["params"], batch_stats=variables.get("batch_stats", {}),
-        x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:],   # x [N, H, W, C], y [N] in {0, 1}
-        config=TrainConfig(epochs=2), seed=0, run_dir=Path("run"),
-    )
-    result.final["test/acc"], result.history[-1]["train/loss"]
+    )                                           # or Trainee(params, apply_fn=linearize(...)): below
+    data = TrainData(x[:n], y[:n], x[n:], y[n:])  # x [N, H, W, C], y [N] in {0, 1}
+    result = fit(trainee, data, TrainConfig(epochs=2), seed=0, run_dir=Path("run"))
+    result.final["test/acc"], result.history[-1]["train/loss"], result.measurements
 
-**What drives training.** Exactly one of two functions is given:
+**What drives training.** Exactly one of two functions is given (fields of :class:`Trainee`):
 
 - ``train_apply_fn(params, batch_stats, x) -> (outputs, new_batch_stats)``: the network with
   BatchNorm in training mode (batch statistics, running averages updated in the train state).
@@ -32,8 +31,12 @@ and reused by later fits with the same options and model functions). Each epoch 
 of an epoch may be smaller (no sample dropped; one extra compilation). Evaluation covers every
 sample of both sets in padded, masked batches of one shape, in inference mode.
 
+**Measurements.** ``measures`` (name -> ``measure(state)``, e.g. the kernel alignment) are taken
+every ``measure_every`` epochs and after the last; their JSON-able values are kept in
+``FitResult.measurements`` and travel with the checkpoints.
+
 **Checkpoints and resume.** With ``checkpoint_dir``, the state (params, batch_stats, optimizer
-state, step), the epoch and the metric history are checkpointed every ``checkpoint_every`` epochs
+state, step), the epoch, the metric history and the measurements are checkpointed every ``checkpoint_every`` epochs
 and after the last (``ntklab.train_checkpoint``: atomic, checksummed flax msgpack, the newest two
 kept). A later fit with the same arguments resumes from the newest sound checkpoint (a damaged one
 is logged and skipped) and ends with the same parameters, bit for bit, as an uninterrupted run:
@@ -79,16 +82,17 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ntklab import artifacts
 from ntklab.progress import progress_bar
 from ntklab.train_checkpoint import CheckpointStore, tree_digest
+from ntklab.train_inputs import check_data, epoch_order
+from ntklab.train_placement import Placement, SetEvaluator
 from ntklab.train_steps import (
     LOSSES,
     LR_NORMALIZATIONS,
@@ -116,9 +120,12 @@ __all__ = [
     "EvalApplyFn",
     "Evaluator",
     "FitResult",
+    "Measure",
     "TrainApplyFn",
     "TrainConfig",
+    "TrainData",
     "TrainState",
+    "Trainee",
     "build_optimizer",
     "eval_apply_fn",
     "fit",
@@ -153,6 +160,7 @@ class FitResult:
       final: the last record plus ``param_distance_sq`` = ‖θ − θ_start‖², ``wall_time_s`` and
         the evaluators' metrics.
       state: the final train state.
+      measurements: ``{"epoch": e, <measure name>: values}`` per measured epoch, in order.
     """
 
     params: PyTree
@@ -160,110 +168,7 @@ class FitResult:
     history: list[dict]
     final: dict
     state: TrainState
-
-
-class _Placement:
-    """Where arrays go: one device as JAX chooses, or a one-axis mesh with sharded batches.
-
-    Args:
-      devices: the devices to train on (None: ``jax.local_devices()``).
-      batch_norm: the model updates BatchNorm statistics in training mode (so a train batch
-        must not be padded: it is replicated instead when its size does not divide).
-    """
-
-    def __init__(self, devices: Sequence[jax.Device] | None, *, batch_norm: bool):
-        devices = list(jax.local_devices() if devices is None else devices)
-        if not devices:
-            raise ValueError("devices is empty; give at least one device (or None for all local)")
-        self.num_devices = len(devices)
-        self.batch_norm = batch_norm
-        self.mesh = None
-        if self.num_devices > 1 or devices[0] != jax.devices()[0]:
-            self.mesh = Mesh(np.array(devices), ("batch",))
-            self._replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._sharded = NamedSharding(self.mesh, PartitionSpec("batch"))
-        self._warned = False
-
-    def state(self, tree: PyTree) -> PyTree:
-        """Device arrays of ``tree``, replicated over the mesh."""
-        if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
-        return jax.device_put(tree, self._replicated)
-
-    def eval_batch_size(self, batch_size: int) -> int:
-        """``batch_size`` rounded up to a multiple of the device count."""
-        return -(-batch_size // self.num_devices) * self.num_devices
-
-    def eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """An evaluation batch (size a multiple of the device count), sharded."""
-        if self.mesh is None:
-            return {name: jnp.asarray(value) for name, value in batch.items()}
-        return jax.device_put(batch, self._sharded)
-
-    def train_batch(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        """A train batch ``{"x" [B, ...], "y" [B]}`` placed for the step (see the module docstring)."""
-        if self.mesh is None:
-            return {"x": x, "y": y}
-        size = len(x)
-        padding = -size % self.num_devices
-        if not padding:
-            return jax.device_put({"x": x, "y": y}, self._sharded)
-        if self.batch_norm:
-            if not self._warned:
-                self._warned = True
-                logger.warning(
-                    "a train batch of %d examples does not divide over %d devices; with "
-                    "BatchNorm it runs replicated on every device (exact, not parallel): choose "
-                    "train.batch_size (and N_train) a multiple of %d",
-                    size,
-                    self.num_devices,
-                    self.num_devices,
-                )
-            return jax.device_put({"x": x, "y": y}, self._replicated)
-        batch = {
-            "x": np.concatenate([x, np.zeros((padding, *x.shape[1:]), x.dtype)]),
-            "y": np.concatenate([y, np.zeros(padding, y.dtype)]),
-            "mask": np.arange(size + padding) < size,
-        }
-        return jax.device_put(batch, self._sharded)
-
-
-class _Evaluator:
-    """Loss and accuracy of one labelled set, in padded masked batches of one shape."""
-
-    def __init__(
-        self,
-        eval_step: Callable,
-        x: np.ndarray,
-        y: np.ndarray,
-        batch_size: int,
-        placement: _Placement,
-    ):
-        self.size = len(x)
-        num_batches = max(1, math.ceil(self.size / batch_size))
-        padding = num_batches * batch_size - self.size
-        pad = lambda a: np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)])  # noqa: E731
-        self._batches = [
-            placement.eval_batch({"x": xb, "y": yb, "mask": mb})
-            for xb, yb, mb in zip(
-                np.split(pad(x), num_batches),
-                np.split(pad(y), num_batches),
-                np.split(pad(np.ones(self.size, bool)), num_batches),
-                strict=True,
-            )
-        ]
-        self._eval_step = eval_step
-
-    def __call__(self, state: TrainState) -> tuple[float, float]:
-        """Returns (mean loss, accuracy); NaN for an empty set."""
-        if not self.size:
-            return math.nan, math.nan
-        sums = jax.device_get(
-            [self._eval_step(state.params, state.batch_stats, b) for b in self._batches]
-        )
-        total_loss = float(np.sum([s["loss"] for s in sums], dtype=np.float64))
-        correct = int(np.sum([s["correct"] for s in sums]))
-        return total_loss / self.size, correct / self.size
+    measurements: list[dict] = dataclasses.field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,58 +176,78 @@ class _Evaluator:
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainee:
+    """What is trained: one of two model functions (see the module docstring) and the start.
+
+    Attributes:
+      params: starting parameters (copied: the caller's arrays are never donated).
+      batch_stats: starting BatchNorm running averages; ``{}`` without BatchNorm.
+      apply_fn: stateless model ``(params, x[B, ...]) -> [B, 1]`` (e.g. a linearization).
+      train_apply_fn: network in BatchNorm training mode
+        ``(params, batch_stats, x[B, ...]) -> ([B, 1], new_batch_stats)``.
+      eval_apply_fn: inference-mode network ``(params, batch_stats, x) -> [B, 1]``, needed with
+        ``train_apply_fn`` when the model has BatchNorm.
+    """
+
+    params: PyTree
+    batch_stats: PyTree = dataclasses.field(default_factory=dict)
+    apply_fn: ApplyFn | None = None
+    train_apply_fn: TrainApplyFn | None = None
+    eval_apply_fn: EvalApplyFn | None = None
+
+
+class TrainData(NamedTuple):
+    """Train and test sets: inputs [N, ...] (finite) and labels [N] in {0, 1}."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+Measure = Callable[[TrainState], Mapping[str, Any]]
+"""``measure(state) -> {name: JSON-able value}`` (floats, lists), taken along training."""
+
+
 def fit(
-    *,
-    apply_fn: ApplyFn | None = None,
-    train_apply_fn: TrainApplyFn | None = None,
-    params: PyTree,
-    batch_stats: PyTree,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    trainee: Trainee,
+    data: TrainData,
     config: TrainConfig,
+    *,
     seed: int,
-    run_dir: Path | None,
-    progress: bool = True,
-    evaluators: dict[str, Evaluator] | None = None,
-    eval_apply_fn: EvalApplyFn | None = None,
-    desc: str = "train",
+    run_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
-    checkpoint_every: int | None = None,
+    evaluators: Mapping[str, Evaluator] | None = None,
+    measures: Mapping[str, Measure] | None = None,
+    measure_every: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
     devices: Sequence[jax.Device] | None = None,
 ) -> FitResult:
     """Trains a network or a stateless model (e.g. a linearization) on binary labels.
 
     Args:
-      apply_fn: stateless model ``(params, x[B, ...]) -> [B, 1]``; give this or
-        ``train_apply_fn`` (see the module docstring).
-      train_apply_fn: network in BatchNorm training mode
-        ``(params, batch_stats, x[B, ...]) -> ([B, 1], new_batch_stats)``.
-      params: starting parameters (copied: the caller's arrays are never donated).
-      batch_stats: starting BatchNorm running averages; ``{}`` (or None) without BatchNorm.
-      x_train: train inputs [N_train, ...], finite.
-      y_train: train labels [N_train], 0/1 floats.
-      x_test: test inputs [N_test, ...] (may be empty), finite.
-      y_test: test labels [N_test].
-      config: hyperparameters.
+      trainee: the model functions and the starting parameters and statistics.
+      data: train and test sets.
+      config: hyperparameters (``config.checkpoint_every`` sets the checkpoint interval).
       seed: seeds the per-epoch shuffles (``fold_in(PRNGKey(seed), epoch)``).
       run_dir: folder for ``metrics.jsonl`` (rewritten after every epoch) and the final
         ``params.msgpack`` (``{"params", "batch_stats"}``); None writes nothing.
-      progress: show a progress bar over epochs.
-      evaluators: ``name -> evaluator(state) -> {"split/metric": float}``, run at the end (and
-        every ``config.evaluate_every`` epochs); their metrics join ``final`` / the history.
-      eval_apply_fn: inference-mode network ``(params, batch_stats, x) -> [B, 1]``, needed with
-        ``train_apply_fn`` when the model has BatchNorm.
-      desc: progress-bar label.
       checkpoint_dir: folder for checkpoints; a fit with the same arguments resumes from the
         newest sound one there. None: no checkpoints.
-      checkpoint_every: epochs between checkpoints; None: ``config.checkpoint_every`` (whose
-        None means about every 10% of the run).
+      evaluators: ``name -> evaluator(state) -> {"split/metric": float}``, run at the end (and
+        every ``config.evaluate_every`` epochs); their metrics join ``final`` / the history.
+      measures: ``name -> measure(state) -> JSON-able values``, taken every ``measure_every``
+        epochs and after the last; kept in ``FitResult.measurements`` and in the checkpoints, so
+        a resumed run has the same measurements as an uninterrupted one.
+      measure_every: epochs between measurements (None: after the last epoch only).
+      progress: show a progress bar over epochs.
+      desc: progress-bar label.
       devices: devices to shard each batch over (None: ``jax.local_devices()``).
 
     Returns:
-      The trained parameters, statistics, per-epoch history and final metrics.
+      The trained parameters, statistics, per-epoch history, measurements and final metrics.
 
     Raises:
       ValueError: not exactly one model function, inconsistent shapes, non-finite inputs, labels
@@ -332,99 +257,22 @@ def fit(
       FloatingPointError: the training loss or a parameter became non-finite (the message names
         the step and the epoch).
     """
-    batch_stats = {} if batch_stats is None else batch_stats
-    if checkpoint_every is not None:
-        config = dataclasses.replace(config, checkpoint_every=checkpoint_every)
-    train, infer = model_fns(apply_fn, train_apply_fn, eval_apply_fn, batch_stats)
-    x_train, y_train, x_test, y_test = _check_data(x_train, y_train, x_test, y_test)
-    placement = _Placement(
-        devices, batch_norm=train_apply_fn is not None and bool(jax.tree.leaves(batch_stats))
+    loop = _Loop(trainee, data, config, seed=seed, devices=devices)
+    session = loop.start(checkpoint_dir, run_dir, desc)
+    plan = _Schedule(config, measure_every)
+    bar = progress_bar(
+        total=config.epochs - session.epoch, desc=desc, unit="epoch", enabled=progress
     )
-    num_train = len(x_train)
-    steps_per_epoch = math.ceil(num_train / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    compiled = compiled_steps(config, total_steps, placement.mesh)
-    train_step = functools.partial(compiled.train_step, train)
-    eval_step = functools.partial(compiled.eval_step, infer)
-    eval_batch = placement.eval_batch_size(min(config.eval_batch_size, max(num_train, len(x_test))))
-    evaluate_train = _Evaluator(eval_step, x_train, y_train, eval_batch, placement)
-    evaluate_test = _Evaluator(eval_step, x_test, y_test, eval_batch, placement)
-    evaluators = dict(evaluators or {})
-
-    state, start_params = compiled.initial_state(params, batch_stats)
-    key = jax.random.PRNGKey(seed)
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    store = None
-    start_epoch, elapsed_before = 0, 0.0
-    restored = None
-    if checkpoint_dir is not None and config.epochs:
-        identity = _identity(
-            config, seed, train, infer, params, batch_stats, (x_train, y_train, x_test, y_test)
-        )
-        store = CheckpointStore(checkpoint_dir, identity)
-        restored = store.restore(state)
-    if restored is not None:
-        state = placement.state(restored.state)
-        history, start_epoch, elapsed_before = restored.history, restored.epoch, restored.elapsed_s
-        logger.info(
-            "%s: resumed from epoch %d of %d (%s)", desc, start_epoch, config.epochs, restored.path
-        )
-    else:
-        history = [_record(0, 0, None, None, state, evaluate_train, evaluate_test, 0.0)]
-    every = config.checkpoint_interval()
-    saved_epoch = start_epoch if restored is not None else None
-
     tic = time.perf_counter()
-    bar = progress_bar(total=config.epochs - start_epoch, desc=desc, unit="epoch", enabled=progress)
-    epoch = start_epoch
     try:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            epoch_tic = time.perf_counter()
-            order = _epoch_order(key, epoch, num_train)
-            batch_losses, finite = [], []
-            for start in range(0, num_train, config.batch_size):
-                index = order[start : start + config.batch_size]
-                batch = placement.train_batch(x_train[index], y_train[index])
-                state, metrics = train_step(state, batch)
-                batch_losses.append(metrics["train/batch_loss"])
-                finite.append(metrics["train/finite"])
-                lr = metrics["train/lr"]
-            losses, finite = jax.device_get((batch_losses, finite))
-            first = (epoch - 1) * steps_per_epoch + 1
-            if not all(finite):
-                bad = int(np.argmin(finite))
-                raise FloatingPointError(
-                    f"non-finite training loss or parameters in epoch {epoch}: first after step "
-                    f"{first + bad} (the epoch's steps are {first}-{epoch * steps_per_epoch}), "
-                    f"batch loss {float(losses[bad])}; lower train.max_lr={config.max_lr} or check "
-                    "the model"
-                    + (f"; the checkpoint of epoch {saved_epoch} is intact" if saved_epoch else "")
-                )
-            sizes = np.diff([*range(0, num_train, config.batch_size), num_train])
-            batch_loss = float(np.dot(losses, sizes)) / num_train
-            step = epoch * steps_per_epoch
-            record = _record(
-                epoch,
-                step,
-                float(lr),
-                batch_loss,
-                state,
-                evaluate_train,
-                evaluate_test,
-                time.perf_counter() - epoch_tic,
-            )
-            if config.evaluate_every and epoch % config.evaluate_every == 0:
-                record.update(_run_evaluators(evaluators, state))
-            history.append(record)
-            if run_dir is not None:
-                _write_history(run_dir / METRICS_LOG, history)
-            if store is not None and (epoch % every == 0 or epoch == config.epochs):
-                elapsed = elapsed_before + time.perf_counter() - tic
-                store.save(epoch, state, history, elapsed_s=elapsed)
-                saved_epoch = epoch
-            logger.info("epoch %d/%d: %s", epoch, config.epochs, _short(record))
+        for epoch in range(session.epoch + 1, config.epochs + 1):
+            record = loop.epoch(session, epoch)
+            if plan.evaluates(epoch):
+                record.update(_run_evaluators(dict(evaluators or {}), session.state))
+            session.history.append(record)
+            if measures and plan.measures(epoch):
+                session.measurements.append(_measure(measures, session.state, epoch))
+            loop.after_epoch(session, epoch, elapsed=time.perf_counter() - tic)
             bar.update(
                 1,
                 loss=f"{record['train/loss']:.3g}",
@@ -432,40 +280,230 @@ def fit(
                 test_acc=f"{record['test/acc']:.3f}",
             )
     except KeyboardInterrupt:
-        if store is None:
-            logger.warning("%s interrupted in epoch %d/%d", desc, epoch, config.epochs)
-        else:
-            logger.warning(
-                "%s interrupted in epoch %d/%d; %s: rerunning the same command resumes",
-                desc,
-                epoch,
-                config.epochs,
-                f"the checkpoint of epoch {saved_epoch} is in {checkpoint_dir}"
-                if saved_epoch
-                else f"no checkpoint written yet (every {every} epochs)",
-            )
+        loop.log_interruption(session, desc)
         raise
     finally:
         bar.close()
+    final = dict(session.history[-1])
+    if not plan.evaluates(config.epochs):
+        final.update(_run_evaluators(dict(evaluators or {}), session.state))
+    return loop.finish(session, final, elapsed=time.perf_counter() - tic, desc=desc)
 
-    final = dict(history[-1])
-    if not (config.evaluate_every and config.epochs and config.epochs % config.evaluate_every == 0):
-        final.update(_run_evaluators(evaluators, state))
-    final["param_distance_sq"] = _distance_sq(state.params, start_params)
-    final["wall_time_s"] = elapsed_before + time.perf_counter() - tic
-    if run_dir is not None:
-        _write_history(run_dir / METRICS_LOG, history)
-        artifacts.save_params(
-            run_dir / PARAMS_FILE, {"params": state.params, "batch_stats": state.batch_stats}
+
+class _Schedule:
+    """Which epochs evaluate (``config.evaluate_every``) and measure (``measure_every``)."""
+
+    def __init__(self, config: TrainConfig, measure_every: int | None) -> None:
+        self.config = config
+        if measure_every is not None and (
+            isinstance(measure_every, bool)
+            or not isinstance(measure_every, int)
+            or measure_every < 1
+        ):
+            raise ValueError(
+                f"measure_every must be None or an integer >= 1, got {measure_every!r}"
+            )
+        self.measure_every = measure_every
+
+    def evaluates(self, epoch: int) -> bool:
+        every = self.config.evaluate_every
+        return bool(every) and epoch % every == 0
+
+    def measures(self, epoch: int) -> bool:
+        every = self.measure_every
+        return epoch == self.config.epochs or (every is not None and epoch % every == 0)
+
+
+@dataclasses.dataclass
+class _Session:
+    """The state of one fit: where it stands, what it recorded, where it checkpoints."""
+
+    state: TrainState
+    start_params: PyTree
+    history: list[dict]
+    measurements: list[dict]
+    epoch: int
+    elapsed_before: float
+    store: CheckpointStore | None
+    run_dir: Path | None
+    saved_epoch: int | None
+    checkpoint_dir: Path | None
+
+
+class _Loop:
+    """The compiled steps, placement and evaluators of one fit, and its three phases: start
+    (fresh or resumed), one epoch, finish."""
+
+    def __init__(
+        self,
+        trainee: Trainee,
+        data: TrainData,
+        config: TrainConfig,
+        *,
+        seed: int,
+        devices: Sequence[jax.Device] | None,
+    ) -> None:
+        batch_stats = {} if trainee.batch_stats is None else trainee.batch_stats
+        self.trainee = dataclasses.replace(trainee, batch_stats=batch_stats)
+        self.train, self.infer = model_fns(
+            trainee.apply_fn, trainee.train_apply_fn, trainee.eval_apply_fn, batch_stats
         )
-    logger.info("%s done: %s", desc, _short(final))
-    return FitResult(
-        params=state.params,
-        batch_stats=state.batch_stats,
-        history=history,
-        final=final,
-        state=state,
-    )
+        self.data = TrainData(*check_data(*data))
+        self.config, self.seed = config, seed
+        self.placement = Placement(
+            devices,
+            batch_norm=trainee.train_apply_fn is not None and bool(jax.tree.leaves(batch_stats)),
+        )
+        self.num_train = len(self.data.x_train)
+        self.steps_per_epoch = math.ceil(self.num_train / config.batch_size)
+        self.compiled = compiled_steps(
+            config, config.epochs * self.steps_per_epoch, self.placement.mesh
+        )
+        self.train_step = functools.partial(self.compiled.train_step, self.train)
+        eval_step = functools.partial(self.compiled.eval_step, self.infer)
+        eval_batch = self.placement.eval_batch_size(
+            min(config.eval_batch_size, max(self.num_train, len(self.data.x_test)))
+        )
+        x_train, y_train, x_test, y_test = self.data
+        self.evaluate_train = SetEvaluator(eval_step, x_train, y_train, eval_batch, self.placement)
+        self.evaluate_test = SetEvaluator(eval_step, x_test, y_test, eval_batch, self.placement)
+        self.key = jax.random.PRNGKey(seed)
+
+    def start(self, checkpoint_dir: Path | None, run_dir: Path | None, desc: str) -> _Session:
+        """A fresh session, or the newest sound checkpoint's."""
+        state, start_params = self.compiled.initial_state(
+            self.trainee.params, self.trainee.batch_stats
+        )
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        store = restored = None
+        if checkpoint_dir is not None:
+            identity = _identity(
+                self.config, self.seed, self.train, self.infer, self.trainee.params,
+                self.trainee.batch_stats, tuple(self.data),
+            )  # fmt: skip
+            store = CheckpointStore(checkpoint_dir, identity)
+            restored = store.restore(state)
+        session = _Session(
+            state=state, start_params=start_params, history=[], measurements=[], epoch=0,
+            elapsed_before=0.0, store=store, run_dir=run_dir, saved_epoch=None,
+            checkpoint_dir=checkpoint_dir,
+        )  # fmt: skip
+        if restored is None:
+            session.history = [self._record(0, 0, None, None, state, 0.0)]
+            return session
+        session.state = self.placement.state(restored.state)
+        session.history, session.measurements = restored.history, restored.measurements
+        session.epoch = session.saved_epoch = restored.epoch
+        session.elapsed_before = restored.elapsed_s
+        logger.info(
+            "%s: resumed from epoch %d of %d (%s)",
+            desc, restored.epoch, self.config.epochs, restored.path,
+        )  # fmt: skip
+        return session
+
+    def epoch(self, session: _Session, epoch: int) -> dict[str, Any]:
+        """Trains one epoch (the steps' finiteness checked once at its end) and evaluates."""
+        tic = time.perf_counter()
+        order = epoch_order(self.key, epoch, self.num_train)
+        batch_size = self.config.batch_size
+        batch_losses, finite = [], []
+        for start in range(0, self.num_train, batch_size):
+            index = order[start : start + batch_size]
+            batch = self.placement.train_batch(self.data.x_train[index], self.data.y_train[index])
+            session.state, metrics = self.train_step(session.state, batch)
+            batch_losses.append(metrics["train/batch_loss"])
+            finite.append(metrics["train/finite"])
+            lr = metrics["train/lr"]
+        losses, finite = jax.device_get((batch_losses, finite))
+        if not all(finite):
+            self._non_finite(epoch, losses, finite, session.saved_epoch)
+        sizes = np.diff([*range(0, self.num_train, batch_size), self.num_train])
+        batch_loss = float(np.dot(losses, sizes)) / self.num_train
+        return self._record(
+            epoch, epoch * self.steps_per_epoch, float(lr), batch_loss, session.state,
+            time.perf_counter() - tic,
+        )  # fmt: skip
+
+    def _non_finite(self, epoch: int, losses, finite, saved_epoch: int | None) -> None:
+        first = (epoch - 1) * self.steps_per_epoch + 1
+        bad = int(np.argmin(finite))
+        raise FloatingPointError(
+            f"non-finite training loss or parameters in epoch {epoch}: first after step "
+            f"{first + bad} (the epoch's steps are {first}-{epoch * self.steps_per_epoch}), batch "
+            f"loss {float(losses[bad])}; lower train.max_lr={self.config.max_lr} or check the "
+            "model" + (f"; the checkpoint of epoch {saved_epoch} is intact" if saved_epoch else "")
+        )
+
+    def after_epoch(self, session: _Session, epoch: int, *, elapsed: float) -> None:
+        """Writes the history and, when due, a checkpoint."""
+        if session.run_dir is not None:
+            _write_history(session.run_dir / METRICS_LOG, session.history)
+        every = self.config.checkpoint_interval()
+        if session.store is not None and (epoch % every == 0 or epoch == self.config.epochs):
+            session.store.save(
+                epoch, session.state, session.history,
+                elapsed_s=session.elapsed_before + elapsed, measurements=session.measurements,
+            )  # fmt: skip
+            session.saved_epoch = epoch
+        session.epoch = epoch
+        logger.info("epoch %d/%d: %s", epoch, self.config.epochs, _short(session.history[-1]))
+
+    def log_interruption(self, session: _Session, desc: str) -> None:
+        epochs = self.config.epochs
+        if session.store is None:
+            logger.warning("%s interrupted in epoch %d/%d", desc, session.epoch + 1, epochs)
+            return
+        every = self.config.checkpoint_interval()
+        logger.warning(
+            "%s interrupted in epoch %d/%d; %s: rerunning the same command resumes",
+            desc, session.epoch + 1, epochs,
+            f"the checkpoint of epoch {session.saved_epoch} is in {session.checkpoint_dir}"
+            if session.saved_epoch else f"no checkpoint written yet (every {every} epochs)",
+        )  # fmt: skip
+
+    def finish(self, session: _Session, final: dict, *, elapsed: float, desc: str) -> FitResult:
+        """The final metrics and files (``metrics.jsonl``, ``params.msgpack``)."""
+        state = session.state
+        final["param_distance_sq"] = _distance_sq(state.params, session.start_params)
+        final["wall_time_s"] = session.elapsed_before + elapsed
+        if session.run_dir is not None:
+            _write_history(session.run_dir / METRICS_LOG, session.history)
+            artifacts.save_params(
+                session.run_dir / PARAMS_FILE,
+                {"params": state.params, "batch_stats": state.batch_stats},
+            )
+        logger.info("%s done: %s", desc, _short(final))
+        return FitResult(
+            params=state.params,
+            batch_stats=state.batch_stats,
+            history=session.history,
+            final=final,
+            state=state,
+            measurements=session.measurements,
+        )
+
+    def _record(self, epoch, step, lr, batch_loss, state, seconds) -> dict[str, Any]:
+        return _record(
+            epoch, step, lr, batch_loss, state, self.evaluate_train, self.evaluate_test, seconds
+        )
+
+
+def _measure(measures: Mapping[str, Measure], state: TrainState, epoch: int) -> dict[str, Any]:
+    """One measurement of every ``measures`` entry, as JSON-able values (checked here)."""
+    taken: dict[str, Any] = {"epoch": epoch}
+    for name, measure in measures.items():
+        tic = time.perf_counter()
+        taken[name] = json.loads(json.dumps(dict(measure(state)), default=_json_value))
+        logger.info("measure %s at epoch %d in %.2f s", name, epoch, time.perf_counter() - tic)
+    return taken
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray | jax.Array | np.generic):
+        return np.asarray(value).tolist()
+    raise TypeError(f"a measurement value must be JSON-able or an array, got {type(value)}")
 
 
 def _identity(
@@ -505,60 +543,14 @@ def _identity(
     }
 
 
-def _epoch_order(key: jax.Array, epoch: int, num_train: int) -> np.ndarray:
-    """The order [N_train] of an epoch, drawn from ``fold_in(key, epoch)``.
-
-    The permutation itself is drawn by NumPy seeded with the folded key's bits: the same
-    (seed, epoch) give the same order, without compiling a sort for every N_train.
-    """
-    bits = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch)), np.uint32)
-    return np.random.default_rng(bits.ravel()).permutation(num_train)
-
-
-def _check_data(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    arrays = [np.asarray(a) for a in (x_train, y_train, x_test, y_test)]
-    x_train, y_train, x_test, y_test = arrays
-    if not len(x_train):
-        raise ValueError("x_train is empty; the trainer needs at least one train example")
-    for name, array in zip(("x_train", "y_train", "x_test", "y_test"), arrays, strict=True):
-        _check_finite(name, array)
-    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if y.ndim != 1 or len(y) != len(x):
-            raise ValueError(f"y_{name} must be [N_{name}] = [{len(x)}], got shape {y.shape}")
-        if not np.isin(y, (0, 1)).all():
-            raise ValueError(f"y_{name} must hold labels 0 and 1, got values {np.unique(y)[:5]}")
-    if x_train.shape[1:] != x_test.shape[1:] and len(x_test):
-        raise ValueError(f"x_train {x_train.shape} and x_test {x_test.shape} differ per example")
-    dtype = x_train.dtype if np.issubdtype(x_train.dtype, np.floating) else np.float32
-    return x_train, y_train.astype(dtype), x_test.astype(x_train.dtype), y_test.astype(dtype)
-
-
-def _check_finite(name: str, array: np.ndarray, rows: int = 4096) -> None:
-    """Raises ValueError naming ``name`` and its first non-finite element (checked in row chunks)."""
-    if not np.issubdtype(array.dtype, np.inexact):
-        return
-    for start in range(0, len(array), rows):
-        bad = ~np.isfinite(array[start : start + rows])
-        if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0])
-            index = (index[0] + start, *index[1:])
-            raise ValueError(
-                f"{name} holds non-finite values ({int(bad.sum())} in rows {start}-"
-                f"{start + len(bad) - 1}), the first {array[index]} at index {index}; the trainer "
-                "accepts only finite inputs and labels"
-            )
-
-
 def _record(
     epoch: int,
     step: int,
     lr: float | None,
     batch_loss: float | None,
     state: TrainState,
-    evaluate_train: _Evaluator,
-    evaluate_test: _Evaluator,
+    evaluate_train: SetEvaluator,
+    evaluate_test: SetEvaluator,
     seconds: float,
 ) -> dict[str, Any]:
     train_loss, train_acc = evaluate_train(state)

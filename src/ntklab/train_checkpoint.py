@@ -3,20 +3,23 @@
 Dimensions: none of its own (pytrees of the train state, whatever their shapes).
 
     store = CheckpointStore(run_dir / "checkpoints", identity)
-    restored = store.restore(state)         # None, or Restored(epoch, state, history, elapsed_s)
-    store.save(10, state, history, elapsed_s=12.5)    # writes epoch_000010.msgpack
+    restored = store.restore(state)         # None, or Restored(epoch, state, history, ...)
+    store.save(10, state, history, elapsed_s=12.5, measurements=[])  # epoch_000010.msgpack
 
 One checkpoint is one flax-msgpack file ``epoch_<E>.msgpack`` (no pickle): an envelope
 ``{"format", "version", "sha256", "payload"}`` whose payload (msgpack bytes) holds the training
-identity (JSON), the epoch, the metric history so far (JSON), the elapsed training time and the
-whole train state (step, params, batch_stats, optimizer state). Files are written to a unique
+identity (JSON), the epoch, the metric history so far (JSON), the measurements taken so far
+(JSON, e.g. the alignment along training), the elapsed training time and the whole train state
+(step, params, batch_stats, optimizer state). The newest ``max_to_keep`` (2) files are kept: older
+ones are deleted after each save and when a run resumes (a kill between a save and its clean-up
+leaves one more, which the next start removes). Files are written to a unique
 temporary name, fsynced and renamed into place, so a kill at any point leaves either the old set of
 checkpoints or the new one. On restore the newest file whose envelope, checksum and contents are
 sound is used; a damaged one is logged by name and skipped. A sound checkpoint of another identity
 (another config, data, starting parameters or model) is refused: the results would be mixed.
 
 The data order needs no state of its own: epoch ``e`` is shuffled with ``fold_in(PRNGKey(seed), e)``
-(``ntklab.train._epoch_order``), so resuming after epoch ``E`` replays epochs ``E+1, ...`` exactly.
+(``ntklab.train_inputs.epoch_order``), so resuming after epoch ``E`` replays epochs ``E+1, ...`` exactly.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Restored:
       history: the metric records of epochs 0..epoch.
       elapsed_s: training wall time spent before it was written.
       path: the file.
+      measurements: the measurements taken up to ``epoch`` (``fit``'s ``measures``).
     """
 
     epoch: int
@@ -72,6 +76,7 @@ class Restored:
     history: list[dict]
     elapsed_s: float
     path: Path
+    measurements: list[dict] = dataclasses.field(default_factory=list)
 
 
 class CheckpointStore:
@@ -130,7 +135,9 @@ class CheckpointStore:
                 continue
             identity = json.loads(payload["identity"])
             if identity != self.identity:
-                differences = "; ".join(_differences(identity, self.identity)) or "unknown keys"
+                differences = (
+                    "; ".join(artifacts.differences_of(identity, self.identity)) or "unknown keys"
+                )
                 raise FileExistsError(
                     f"{path} is a checkpoint of another training run ({differences}); refusing to "
                     f"resume from it. Delete {self.folder} to start afresh, or choose another run "
@@ -145,16 +152,26 @@ class CheckpointStore:
                 )
                 continue
             state = serialization.from_state_dict(target, payload["state"])
+            self._prune(epoch)
             return Restored(
                 epoch=epoch,
                 state=state,
                 history=json.loads(payload["history"]),
                 elapsed_s=float(payload["elapsed_s"]),
                 path=path,
+                measurements=json.loads(payload.get("measurements", "[]")),
             )
         return None
 
-    def save(self, epoch: int, state: Any, history: list[dict], *, elapsed_s: float) -> Path:
+    def save(
+        self,
+        epoch: int,
+        state: Any,
+        history: list[dict],
+        *,
+        elapsed_s: float,
+        measurements: list[dict] | None = None,
+    ) -> Path:
         """Writes the checkpoint of ``epoch`` atomically and drops the older ones beyond the limit.
 
         Checkpoints of later epochs (left over from a run that was resumed from an earlier one,
@@ -168,6 +185,7 @@ class CheckpointStore:
                 "identity": json.dumps(self.identity, sort_keys=True),
                 "epoch": epoch,
                 "history": json.dumps(history),
+                "measurements": json.dumps(measurements or []),
                 "elapsed_s": float(elapsed_s),
                 "state": serialization.to_state_dict(jax.device_get(state)),
             }
@@ -186,14 +204,19 @@ class CheckpointStore:
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_folder(self.folder)
+        self._prune(epoch)
+        logger.debug("checkpoint of epoch %d written to %s (%d bytes)", epoch, path, len(envelope))
+        return path
+
+    def _prune(self, epoch: int) -> None:
+        """Keeps ``epoch``'s checkpoint and the newest older ones up to ``max_to_keep`` in all;
+        later epochs (left by a run resumed from an earlier one) go too."""
         kept = 0
         for other_epoch, other in self.paths():
             if other_epoch > epoch or (other_epoch < epoch and kept >= self.max_to_keep):
                 other.unlink(missing_ok=True)
             elif other_epoch <= epoch:
                 kept += 1
-        logger.debug("checkpoint of epoch %d written to %s (%d bytes)", epoch, path, len(envelope))
-        return path
 
     def _remove_temporaries(self) -> None:
         """Deletes temporary files of writes that a kill interrupted (``.epoch_*.msgpack``)."""
@@ -237,12 +260,3 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(handle)
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(old) | set(new)):
-            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return found
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]

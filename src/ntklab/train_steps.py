@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.tree_util import Partial
 
+from ntklab.errors import ConfigError
 from ntklab.types import ApplyFn, PyTree
 
 __all__ = [
@@ -60,18 +61,20 @@ LOSSES = ("bce", "mse")
 LR_NORMALIZATIONS = ("none", "ntk")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)  # hashable (a compile-cache key); treat as immutable
 class TrainConfig:
-    """Training hyperparameters; the fields are the config keys under ``train:``.
+    """Training hyperparameters: the ``train:`` config node of every training script and what
+    :func:`ntklab.train.fit` takes (one definition, registered as the Hydra schema node; its
+    checks are the only range rules of ``train.*``).
 
     Attributes:
-      epochs: passes over the train set (0 evaluates the starting point only).
+      epochs: passes over the train set, >= 1.
       batch_size: examples per step; a value >= N_train is full-batch gradient descent.
       optimizer: one of ``OPTIMIZERS``.
-      max_lr: peak learning rate of the schedule.
-      momentum: SGD momentum (ignored by Adam).
+      max_lr: peak learning rate of the schedule, > 0.
+      momentum: SGD heavy-ball momentum in [0, 1) (ignored by Adam).
       lr_schedule: one of ``LR_SCHEDULES``.
-      weight_decay: coupled L2 coefficient added to the gradient.
+      weight_decay: coupled L2 coefficient added to the gradient, >= 0.
       loss: one of ``LOSSES``.
       eval_batch_size: examples per evaluation batch (padded and masked, every sample counted).
       evaluate_every: also run the ``evaluators`` every this many epochs (0: only at the end).
@@ -81,6 +84,10 @@ class TrainConfig:
       lr_normalization: one of ``LR_NORMALIZATIONS``. The trainer itself uses ``max_lr`` as given:
         the experiment scripts compute the normalized rate (:mod:`ntklab.lr_normalization`) and
         pass it as ``max_lr``, keeping this field as the record of how it was chosen.
+
+    Raises:
+      ConfigError: (a ``ValueError``) a value out of range or not a valid choice, naming the
+        ``train.<key>``, the value and what is allowed.
     """
 
     epochs: int = 100
@@ -93,7 +100,7 @@ class TrainConfig:
     loss: str = "bce"
     eval_batch_size: int = 1024
     evaluate_every: int = 0
-    checkpoint_every: int | None = None
+    checkpoint_every: Optional[int] = None  # noqa: UP045 (OmegaConf 2.3 reads Optional, not |)
     lr_normalization: str = "none"
 
     def __post_init__(self) -> None:
@@ -104,31 +111,33 @@ class TrainConfig:
             ("lr_normalization", LR_NORMALIZATIONS),
         ):
             if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"unknown train.{name} {getattr(self, name)!r}; valid choices: "
-                    f"{', '.join(choices)}"
-                )
+                _refuse(name, getattr(self, name), "one of: " + ", ".join(choices))
         for name, minimum in (
-            ("epochs", 0),
+            ("epochs", 1),
             ("batch_size", 1),
             ("eval_batch_size", 1),
             ("evaluate_every", 0),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
+                _refuse(name, value, f"an integer >= {minimum}")
         every = self.checkpoint_every
         if every is not None and (
             isinstance(every, bool) or not isinstance(every, int) or every < 1
         ):
-            raise ValueError(
-                f"train.checkpoint_every must be null (about every 10% of the run) or an integer "
-                f">= 1, got {every!r}"
+            _refuse(
+                "checkpoint_every", every, "null (about every 10% of the run) or an integer >= 1"
             )
-        for name in ("max_lr", "momentum", "weight_decay"):
+        for name, low, high, allowed in (
+            ("max_lr", 0.0, math.inf, "a finite number > 0"),
+            ("momentum", 0.0, 1.0, "a number in [0, 1)"),
+            ("weight_decay", 0.0, math.inf, "a finite number >= 0"),
+        ):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"train.{name} must be a finite number >= 0, got {value!r}")
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            inside = number and math.isfinite(value) and low <= value < high
+            if not inside or (name == "max_lr" and value == 0):
+                _refuse(name, value, allowed)
 
     def checkpoint_interval(self) -> int:
         """Epochs between checkpoints: ``checkpoint_every``, or about 10% of ``epochs``."""
@@ -141,14 +150,13 @@ class TrainConfig:
         """Builds a config from a mapping such as ``cfg.train``.
 
         Raises:
-          ValueError: a key is not a field (the message lists the fields), or a value is invalid.
+          ConfigError: a key is not a field (the message lists the fields), or a value is invalid.
         """
         fields = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(mapping) - set(fields))
         if unknown:
-            raise ValueError(
-                f"unknown train option(s) {', '.join(map(repr, unknown))}; valid keys: "
-                f"{', '.join(fields)}"
+            raise ConfigError(
+                f"unknown key train.{unknown[0]}; valid keys of train: {', '.join(fields)}"
             )
         return cls(**dict(mapping))
 
@@ -168,6 +176,11 @@ class TrainState:
     params: PyTree
     batch_stats: PyTree
     opt_state: optax.OptState
+
+
+def _refuse(name: str, value: Any, allowed: str) -> None:
+    shown = "null" if value is None else repr(value) if isinstance(value, str) else value
+    raise ConfigError(f"train.{name}={shown} is invalid: must be {allowed}")
 
 
 def learning_rate_fn(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -403,7 +416,7 @@ def compiled_steps(
     """
     key = dataclasses.replace(
         config,
-        epochs=0,
+        epochs=1,
         eval_batch_size=1,
         evaluate_every=0,
         checkpoint_every=None,

@@ -177,6 +177,10 @@ def _ensure_folder(root: Path, *, download: bool) -> Path:
     return folder
 
 
+OFFICIAL_SIZES = (50_000, 10_000)
+"""Train and test images of the official CIFAR-10."""
+
+
 def load_cifar10(root: Path, *, download: bool) -> RawDataset:
     """Loads CIFAR-10 from `{root}/cifar-10-batches-py/` (or its archive in `root`).
 
@@ -195,17 +199,24 @@ def load_cifar10(root: Path, *, download: bool) -> RawDataset:
         ValueError: a file has an invalid structure or the archive is unsafe.
     """
     folder = _ensure_folder(root, download=download)
-    warn_if_unofficial(
-        "cifar10",
-        {folder / name: md5 for name, md5 in {**TRAIN_BATCHES, **TEST_BATCHES}.items()}
-        | {folder / META_FILE: META_MD5},
-    )
     splits = []
     for batches in (TRAIN_BATCHES, TEST_BATCHES):
         parts = [_read_batch(folder / name) for name in batches]
         pixels = np.concatenate([p for p, _ in parts])
         labels = np.concatenate([lab for _, lab in parts])
         splits.append(RawSplit(pixels=pixels, labels=labels, strata=labels))
+    counts = (len(splits[0].labels), len(splits[1].labels))
+    warn_if_unofficial(
+        "cifar10",
+        {folder / name: md5 for name, md5 in {**TRAIN_BATCHES, **TEST_BATCHES}.items()}
+        | {folder / META_FILE: META_MD5},
+        holds=f"{counts[0]:,} train and {counts[1]:,} test images"
+        + (
+            ""
+            if counts == OFFICIAL_SIZES
+            else f", not {OFFICIAL_SIZES[0]:,} and {OFFICIAL_SIZES[1]:,}"
+        ),
+    )
     return RawDataset(
         train=splits[0],
         test=splits[1],

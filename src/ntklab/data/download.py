@@ -147,23 +147,56 @@ def missing_files_error(
     return FileNotFoundError(" ".join(parts))
 
 
-def warn_if_unofficial(dataset: str, checksums: Mapping[Path, str]) -> None:
-    """Logs one warning listing local files whose md5 differs from the official checksum.
+def unofficial_files(checksums: Mapping[Path, str]) -> list[str]:
+    """The names of the local files whose md5 differs from the official checksum.
+
+    Each file is hashed once per process (and again only when its size or mtime changes).
+
+    Args:
+        checksums: local path -> official md5 hex digest.
+    """
+    return [path.name for path, md5 in checksums.items() if _cached_md5(path) != md5]
+
+
+_MD5S: dict[tuple[str, int, int], str] = {}
+_WARNED: set[tuple] = set()
+
+
+def _cached_md5(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _MD5S:
+        _MD5S[key] = md5sum(path)
+    return _MD5S[key]
+
+
+def warn_if_unofficial(
+    dataset: str, checksums: Mapping[Path, str], *, holds: str | None = None
+) -> None:
+    """Logs once per process, in one line, that local files are not the official ones.
 
     Args:
         dataset: registered dataset name, for the message.
         checksums: local path -> official md5 hex digest.
+        holds: what the files hold instead (e.g. "5,085 train and 1,017 test images, not 50,000
+            and 10,000"), when the caller knows.
     """
-    differing = [path.name for path, md5 in checksums.items() if md5sum(path) != md5]
-    if differing:
-        folder = next(iter(checksums)).parent
-        logger.warning(
-            "%s: %s in %s do not match the official md5 checksums; these are not the official "
-            "files (e.g. a subset); reading them anyway",
-            dataset,
-            ", ".join(differing),
-            folder,
-        )
+    differing = unofficial_files(checksums)
+    if not differing:
+        return
+    folder = next(iter(checksums)).parent
+    key = (dataset, str(folder.resolve()), tuple(differing), holds)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning(
+        "%s: the files in %s are not the official dataset (md5 of %s differs)%s; reading them "
+        "anyway",
+        dataset,
+        folder,
+        ", ".join(differing),
+        f": they hold {holds}" if holds else " (e.g. a subset)",
+    )
 
 
 def ensure_files(

@@ -9,6 +9,8 @@ Usage:
 
 import numpy as np
 
+from ntklab.errors import ConfigError
+
 SPLIT_IDS = {"train": 0, "test": 1}
 """Stream id per split: the subset of split s is drawn from default_rng((seed, SPLIT_IDS[s]))."""
 
@@ -57,9 +59,9 @@ def subset_indices(strata: np.ndarray, num: int | None, *, seed: int, split: str
     if num is None:
         return np.arange(size, dtype=np.int64)
     if isinstance(num, bool) or not isinstance(num, int | np.integer) or not 1 <= num <= size:
-        raise ValueError(
-            f"num_{split}={num!r} is invalid: must be an integer between 1 and the {split} split "
-            f"size {size}"
+        raise ConfigError(
+            f"data.num_{split}={num!r} is invalid: must be an integer between 1 and the {split} "
+            f"split size {size} (or null for the whole split)"
         )
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed={seed!r} is invalid: must be a non-negative integer")

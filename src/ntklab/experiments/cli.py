@@ -1,6 +1,6 @@
 """The entry scripts' ``main``: ``@hydra.main`` with the config schema, and user errors as one line.
 
-    @cli.hydra_main("compute_ntk/config")
+    @cli.hydra_main("compute_ntk")
     def main(cfg: DictConfig) -> None:
         compute_ntk.run(cfg)
 
@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ntklab.artifacts import RunFolderInUse
-from ntklab.distributed import DistributedError, PeerFailed
-from ntklab.experiments.schema import ConfigError, check_command_line
+from ntklab.errors import ConfigError, DistributedError, PeerFailed, RunFolderInUse
+from ntklab.experiments.checks import Refused
 
 __all__ = ["USAGE_ERROR", "Interrupted", "hydra_main", "user_error_message"]
 
@@ -62,17 +60,16 @@ class Interrupted(KeyboardInterrupt):
 def hydra_main(config_name: str) -> Callable[[Task], Callable[[], None]]:
     """``@hydra.main(version_base="1.3", config_path="config", config_name=...)``, plus the checks.
 
-    The task gets the composed config after :func:`~ntklab.experiments.schema.check_command_line`;
-    errors are reported as described in the module docstring.
+    The command was checked before (:class:`ntklab.experiments.checks.Checks`, registered in
+    ``config/hydra/default.yaml``); errors are reported as described in the module docstring.
 
     Args:
-      config_name: the primary config, e.g. ``"compute_ntk/config"``.
+      config_name: the primary config, e.g. ``"compute_ntk"``.
     """
 
     def decorator(task: Task) -> Callable[[], None]:
         @functools.wraps(task)
         def checked(cfg: DictConfig) -> None:
-            check_command_line(cfg, HydraConfig.get().overrides.task)
             try:
                 task(cfg)
             except KeyboardInterrupt as interrupt:
@@ -86,12 +83,20 @@ def hydra_main(config_name: str) -> Callable[[Task], Callable[[], None]]:
         @functools.wraps(task)
         def main() -> None:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                entry()
+                try:
+                    entry()
+                except Refused as refused:  # show the check's own error and traceback
+                    raise refused.error from None
                 return
             previous = signal.signal(signal.SIGTERM, _raise_terminated)
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; we print the message
             try:
                 entry()
+            except Refused as refused:  # by the checks, before Hydra created any folder
+                message, code = user_error_message(refused.error)
+                if message is None:
+                    raise refused.error from None
+                _exit(f"error: {message}", code)
             except Interrupted as interrupt:
                 _exit(f"interrupted: {interrupt}", interrupt.exit_code)
             except KeyboardInterrupt:
@@ -137,9 +142,13 @@ def _composition_message(error: HydraException) -> str:
     cause = error.__cause__
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
         schema = cause.object_type
+        group = cause.full_key.rpartition(".")[0] or "the top level"
         if dataclasses.is_dataclass(schema):
-            group = cause.full_key.rpartition(".")[0] or "the top level"
             fields = ", ".join(f.name for f in dataclasses.fields(schema))
+            return f"unknown key {cause.full_key}; valid keys of {group}: {fields}"
+        parent = getattr(cause, "parent_node", None)
+        if isinstance(parent, DictConfig) and "not in struct" in str(cause):  # e.g. model.*
+            fields = ", ".join(str(key) for key in parent.keys())
             return f"unknown key {cause.full_key}; valid keys of {group}: {fields}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if isinstance(cause, OmegaConfBaseException):  # "Error merging override key=value"
@@ -178,8 +187,6 @@ def _interruption_message(cfg: DictConfig) -> str:
         except (OSError, ValueError, KeyError, TypeError):
             pass
     rerun = "rerun the same command"
-    if "${hydra:" in str(OmegaConf.to_container(cfg.paths, resolve=False)["run_dir"]):
-        rerun += f" with paths.run_dir={run_dir.resolve()}"  # a new Hydra folder otherwise
     if resumable:
         return f"{run_dir} keeps the finished part ({', '.join(kept)}); {rerun} to resume from it"
     return (

@@ -23,7 +23,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ntklab import artifacts
-from ntklab.experiments.schema import validate
+from ntklab.errors import ConfigError
+from ntklab.experiments.pointers import point_to_run
+from ntklab.experiments.validation import validate
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
 from ntklab.nads import nad_input, neural_anisotropy_directions
 from ntklab.plots import nads_figure
@@ -40,6 +42,23 @@ def run_identity(cfg: DictConfig) -> dict:
     return artifacts.config_identity(cfg, ("model", "nads"), NON_IDENTITY_KEYS)
 
 
+def check(cfg: DictConfig) -> str:
+    """Everything ``run`` checks before it writes; returns the run folder's state.
+
+    Raises:
+      ConfigError: an invalid key or value, or a model with more than one output.
+      FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
+    """
+    validate(cfg)
+    if cfg.model.get("num_outputs", 1) != 1:
+        raise ConfigError(
+            f"model.num_outputs={cfg.model.num_outputs} is invalid: NADs are defined for one "
+            "scalar output; set model.num_outputs=1"
+        )
+    return artifacts.folder_state(cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite)
+
+
 def run(cfg: DictConfig) -> Path:
     """Computes and saves all NADs of the model described by ``cfg``.
 
@@ -48,29 +67,27 @@ def run(cfg: DictConfig) -> Path:
         ``overwrite``).
 
     Returns:
-      The run folder.
+      The run folder (left as it is when it already holds this finished run).
 
     Raises:
-      ValueError: unknown model, activation or dtype, a bad shape, a model with more than one
-        output, or non-finite values.
+      ConfigError: an invalid key or value, or a model with more than one output.
+      ValueError: non-finite values.
       FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
     """
-    validate(cfg)
+    tic = time.perf_counter()
+    run_dir = Path(cfg.paths.run_dir)
+    if check(cfg) == "finished" and not cfg.overwrite:
+        logger.info("%s already holds this finished run; nothing to do", run_dir)
+        point_to_run(run_dir, "compute_nads")
+        return run_dir
     timings: dict[str, float] = {}
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("JAX devices: %s", jax.devices())
-
-    tic = time.perf_counter()
     model = build_model(**cfg.model)
     x0 = nad_input(tuple(cfg.nads.shape), input_std=cfg.nads.input_std, seed=cfg.seed)
-    if cfg.model.get("num_outputs", 1) != 1:
-        raise ValueError(
-            f"model.num_outputs={cfg.model.num_outputs}: NADs are defined for one scalar output; "
-            "set model.num_outputs=1"
-        )
-    with artifacts.open_run(
-        cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
-    ) as run_folder:
+    with artifacts.open_run(run_dir, run_identity(cfg), overwrite=cfg.overwrite) as run_folder:
+        point_to_run(run_dir, "compute_nads")
         logger.info("writing to %s", run_folder.path.resolve())
         _compute(cfg, model, x0, run_folder, timings, tic)
     logger.info(

@@ -8,28 +8,32 @@ Dimensions: N = num_train + num_test examples (train first), k eigenpairs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ntklab import artifacts, distributed
+from ntklab import artifacts, distributed, threads
 from ntklab.data import load_dataset_config
-from ntklab.eigen import SOLVERS as EIGEN_SOLVERS
 from ntklab.eigen import (
+    MATRIX_FREE_SOLVERS,
     Eigenpairs,
-    matrix_free_eigenpairs,
-    nystrom_eigenpairs,
-    top_eigenpairs,
 )
-from ntklab.experiments.schema import ConfigError, validate
+from ntklab.errors import ConfigError
+from ntklab.experiments.kernel_job import (
+    eigen_precision,
+    eigenpairs,
+    form_kernel,
+    kernel_summary,
+)
+from ntklab.experiments.kernel_readouts import save_readouts
+from ntklab.experiments.pointers import point_to_run
+from ntklab.experiments.validation import validate
 from ntklab.models import build_model, count_params, inference_apply_fn, init_variables
-from ntklab.ntk import empirical_ntk
 from ntklab.plots import spectrum_figure
-from ntklab.types import ApplyFn, PyTree
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +49,6 @@ NON_IDENTITY_KEYS = {
     ),
 }
 """Config keys that do not change the results, left out of a run folder's identity."""
-MATRIX_FREE_SOLVERS = ("matrix_free", "nystrom")
-SOLVERS = (*EIGEN_SOLVERS, *MATRIX_FREE_SOLVERS)
-"""``ntk.solver``: the eigensolvers of a formed kernel, then the matrix-free ones."""
 
 
 def run_identity(cfg: DictConfig) -> dict:
@@ -59,8 +60,9 @@ def check_options(cfg: DictConfig, num_samples: int) -> None:
     """The ``ntk:`` checks that need the data's size N or combine keys; run before any disk work.
 
     Raises:
-      ValueError: ``nystrom`` without ``nystrom_dims`` (or out of
-        range), ``save_kernel`` with a matrix-free solver, or ``output`` other than ``trace``.
+      ConfigError: ``ntk.num_eigvecs`` outside [1, N], ``output`` other than ``trace``,
+        ``nystrom`` without ``nystrom_dims`` (or out of range), ``save_kernel`` with a
+        matrix-free solver.
     """
     ntk = cfg.ntk
     if not 1 <= ntk.num_eigvecs <= num_samples:
@@ -69,31 +71,82 @@ def check_options(cfg: DictConfig, num_samples: int) -> None:
             f"N={num_samples} (data.num_train + data.num_test)"
         )
     if ntk.output != "trace":
-        raise ValueError(
-            f"compute_ntk eigendecomposes an [N, N] kernel: ntk.output must be 'trace' (the sum "
-            f"over logits; the scalar kernel for one logit), got {ntk.output!r}"
+        raise ConfigError(
+            f"ntk.output={ntk.output} is invalid here: compute_ntk eigendecomposes an [N, N] "
+            "kernel, so it must be trace (the sum over logits; the scalar kernel for one logit)"
         )
     if ntk.solver in MATRIX_FREE_SOLVERS and ntk.save_kernel:
-        raise ValueError(
+        raise ConfigError(
             f"ntk.save_kernel=true needs the kernel, which ntk.solver={ntk.solver} never "
             "forms; use ntk.solver=auto|dense|lanczos to save it"
         )
     if ntk.solver == "nystrom" and not (
         ntk.nystrom_dims is not None and ntk.num_eigvecs <= ntk.nystrom_dims <= num_samples
     ):
-        raise ValueError(
+        raise ConfigError(
             f"ntk.solver=nystrom needs ntk.nystrom_dims (landmark count m) with "
             f"ntk.num_eigvecs={ntk.num_eigvecs} <= m <= N={num_samples}, got {ntk.nystrom_dims}"
         )
 
 
+def check_finite_inputs(images: np.ndarray, what: str) -> None:
+    """Refuses non-finite inputs before any computation, naming the first bad row.
+
+    Raises:
+      ValueError: ``images`` [n, ...] hold NaN or infinite values (the message gives how many,
+        in how many rows, and the first row).
+    """
+    bad_rows = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+    if len(bad_rows):
+        first = int(bad_rows[0])
+        count = int(np.sum(~np.isfinite(images[first])))
+        raise ValueError(
+            f"{what} hold non-finite values in {len(bad_rows)} row(s), the first in row {first} "
+            f"({count} value(s)); check the dataset files and data.normalize"
+        )
+
+
+class Checked(NamedTuple):
+    """What :func:`check` found: the model, the data and the run folder's state."""
+
+    model: Any
+    dataset: Any
+    folder: str  # one of ntklab.artifacts.FOLDER_STATES, or "unchecked" with several processes
+
+
+def check(cfg: DictConfig) -> Checked:
+    """Everything ``run`` checks before it writes: config, data, options, the run folder.
+
+    Raises:
+      ConfigError: a config value of the wrong range or choice, an unknown key, or options that
+        do not fit the data.
+      FileNotFoundError: the dataset files are missing.
+      FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
+    """
+    validate(cfg)
+    model = build_model(**cfg.model)
+    dataset = load_dataset_config(cfg.data, seed=cfg.seed)
+    check_options(cfg, len(dataset.train.images) + len(dataset.test.images))
+    for split in ("train", "test"):
+        check_finite_inputs(getattr(dataset, split).images, f"the {split} images")
+    folder = "unchecked"
+    if not distributed.requested(cfg.get("distributed")):
+        folder = artifacts.folder_state(
+            cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
+        )
+    return Checked(model, dataset, folder)
+
+
 def run(cfg: DictConfig) -> Path:
     """Computes, eigendecomposes and saves the eNTK described by ``cfg``.
 
-    Everything is checked (config, data, options) before the run folder is touched. With
+    Everything is checked (config, data, options, the run folder) before the run folder is
+    touched. A folder already holding this finished run is left as it is (the log says so). With
     ``distributed.*`` set (or inside a multi-task ``srun``) the same command runs in every process
-    of a JAX cluster: all compute the kernel together, process 0 alone claims, eigendecomposes
-    (a formed kernel) and writes the run folder, and every process ends with the same outcome.
+    of a JAX cluster: all compute the kernel together, process 0 alone checks and claims the run
+    folder (after the runtime started, so that its refusal reaches the others), eigendecomposes
+    (a formed kernel) and writes it, and every process ends with the same outcome.
 
     Args:
       cfg: the composed ``config/compute_ntk`` config (``seed``, ``model``, ``data``, ``ntk``,
@@ -104,42 +157,47 @@ def run(cfg: DictConfig) -> Path:
 
     Raises:
       ConfigError: a config value of the wrong range or choice, or an unknown key.
-      ValueError: ``ntk.num_eigvecs`` larger than N, inconsistent options, a non-finite kernel.
+      ValueError: a non-finite kernel.
       FileNotFoundError: the dataset files are missing.
       FileExistsError: the run folder holds a run of another configuration.
       RunFolderInUse: another process is writing the run folder.
       DistributedError: the distributed runtime could not start.
       PeerFailed: another process of a multi-process run failed (its message is included).
     """
-    validate(cfg)
-    distributed.initialize(cfg.get("distributed"))  # before any JAX computation
-    timings: dict[str, float] = {}
-    logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    logger.info("JAX devices: %s", jax.devices())
-
     tic = time.perf_counter()
-    model = build_model(**cfg.model)
-    dataset = load_dataset_config(cfg.data, seed=cfg.seed)
+    checked = check(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    if checked.folder == "finished" and not cfg.overwrite and _has_what_is_asked(cfg, run_dir):
+        logger.info("%s already holds this finished run; nothing to do", run_dir)
+        point_to_run(run_dir, "compute_ntk")
+        return run_dir
+    distributed.initialize(cfg.get("distributed"))  # before any JAX computation
+    timings: dict[str, float] = {"data_s": time.perf_counter() - tic}
+    logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    logger.info("JAX devices: %s; BLAS threads: %s", jax.devices(), threads.describe())
+    dataset = checked.dataset
     x = np.concatenate([dataset.train.images, dataset.test.images])
-    num_samples = len(x)
-    check_options(cfg, num_samples)
-    timings["data_s"] = time.perf_counter() - tic
-
     with distributed.together() as processes:  # several processes: one outcome for all
         if distributed.is_writer():
-            with artifacts.open_run(
-                cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite
-            ) as run_folder:
+            with artifacts.open_run(run_dir, run_identity(cfg), overwrite=cfg.overwrite) as folder:
                 processes.step("claim")
-                run_dir = run_folder.path
+                point_to_run(run_dir, "compute_ntk")
                 logger.info("writing to %s", run_dir.resolve())
-                _compute(cfg, model, dataset, x, run_folder, timings)
+                _compute(cfg, checked.model, dataset, x, folder, timings)
         else:  # process 0 claims and writes the run folder; this process computes its share
             processes.step("claim")
-            run_dir = Path(cfg.paths.run_dir)
-            _compute(cfg, model, dataset, x, None, timings)
+            _compute(cfg, checked.model, dataset, x, None, timings)
     logger.info("done: %s (timings %s)", run_dir, {k: round(v, 2) for k, v in timings.items()})
     return run_dir
+
+
+def _has_what_is_asked(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether a finished run of this identity holds what ``cfg`` asks for beyond its results:
+    the kernel, with ``ntk.save_kernel=true``."""
+    if not cfg.ntk.save_kernel:
+        return True
+    meta = artifacts.load_json(run_dir / artifacts.META_FILE)
+    return "kernel.npy" in meta.get("artifacts", {})
 
 
 def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder | None, timings) -> None:
@@ -148,32 +206,35 @@ def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder | None, tim
     ``run_folder`` is None on the processes other than 0: they stop after their share.
     """
     run_dir = Path(cfg.paths.run_dir) if run_folder is None else run_folder.path
-    num_samples = len(x)
     tic = time.perf_counter()
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed), tuple(x.shape[1:]))
     apply_fn = inference_apply_fn(model, variables)
-    num_params = count_params(variables["params"])
+    params = variables["params"]
     timings["init_s"] = time.perf_counter() - tic
     logger.info(
         "%s: %d parameters; N=%d inputs of shape %s",
-        cfg.model.name,
-        num_params,
-        num_samples,
-        x.shape[1:],
-    )
-
-    kernel, pairs = _kernel_and_eigenpairs(cfg, apply_fn, variables["params"], x, run_dir, timings)
+        cfg.model.name, count_params(params), len(x), x.shape[1:],
+    )  # fmt: skip
+    formed = form_kernel(cfg, apply_fn, params, x, run_dir, timings)
     if run_folder is None:
+        if cfg.ntk.solver in MATRIX_FREE_SOLVERS:  # the matrix-free solvers run in every process
+            eigenpairs(cfg, formed, apply_fn, params, x, timings)
         return
+    pairs = eigenpairs(cfg, formed, apply_fn, params, x, timings)
     logger.info(
         "top %d eigenpairs by the %s solver in %.2f s: λ_1=%.4g, max residual ‖Kv-λv‖/λ_1=%.2e",
-        cfg.ntk.num_eigvecs,
-        pairs.solver,
-        timings["eigen_s"],
-        pairs.values[0],
-        pairs.max_residual,
+        cfg.ntk.num_eigvecs, pairs.solver, timings["eigen_s"], pairs.values[0], pairs.max_residual,
+    )  # fmt: skip
+    readouts = save_readouts(
+        run_dir, formed, pairs, num_train=len(dataset.train.images), timings=timings
     )
+    _save(cfg, run_folder, dataset, variables, formed.kernel, pairs, timings)
+    run_folder.finish(_meta(cfg, dataset, x, params, formed.kernel, pairs, readouts, timings))
 
+
+def _save(cfg, run_folder, dataset, variables, kernel, pairs: Eigenpairs, timings) -> None:
+    """The eigenpairs, θ0, the samples, the kernel when kept, and the spectrum figure."""
+    run_dir = run_folder.path
     tic = time.perf_counter()
     artifacts.save_array(run_dir / "eigvals.npy", pairs.values)
     artifacts.save_array(run_dir / "eigvecs.npy", np.ascontiguousarray(pairs.vectors.T))
@@ -193,136 +254,40 @@ def _compute(cfg, model, dataset, x, run_folder: artifacts.RunFolder | None, tim
     else:
         for name in ("kernel.npy", "kernel.npy.progress.json"):
             run_folder.discard(name)  # an earlier run's kernel (and its resume record)
+    num_samples = len(dataset.train.images) + len(dataset.test.images)
     title = f"eNTK spectrum: {cfg.model.name} on {cfg.data.dataset} (N={num_samples})"
     artifacts.save_figure(spectrum_figure(pairs.values, title=title), run_dir / "spectrum.png")
     timings["save_s"] = time.perf_counter() - tic
 
-    run_folder.finish(
-        {
-            "script": "compute_ntk",
-            "config": artifacts.to_container(cfg),
-            **artifacts.environment_info(),
-            "num_samples": num_samples,
-            "num_train": len(dataset.train.images),
-            "num_test": len(dataset.test.images),
-            "input_shape": list(x.shape[1:]),
-            "num_params": num_params,
-            "inputs": {"sha256": artifacts.array_digest(x), "dtype": str(x.dtype)},
-            "kernel": _kernel_summary(kernel, num_samples, timings),
-            "eigen": {
-                "solver": pairs.solver,
-                "num_eigvecs": len(pairs.values),
-                "max_residual": pairs.max_residual,
-                "iterations": pairs.iterations,
-                "passes": pairs.passes,
-                "min_gap": float(pairs.gaps.min()),
-                "num_unresolved": int((pairs.gaps <= pairs.residuals).sum()),
-                "sign_convention": "largest-magnitude entry of each eigenvector is positive",
-            },
-            "timings": timings,
-        },
-    )
 
-
-def _kernel_and_eigenpairs(
-    cfg: DictConfig,
-    apply_fn: ApplyFn,
-    params: PyTree,
-    x: np.ndarray,
-    run_dir: Path,
-    timings: dict[str, float],
-) -> tuple[np.ndarray | None, Eigenpairs | None]:
-    """The kernel [N, N] (None for matrix-free solvers) and its top eigenpairs, timed.
-
-    On processes other than 0, a formed kernel's (None, None): process 0 eigendecomposes it.
-    """
-    ntk = cfg.ntk
-    options = {"batch_size": ntk.batch_size, "seed": cfg.seed,
-               "implementation": ntk.implementation, "memory_bytes": ntk.memory_bytes}  # fmt: skip
-    if ntk.solver in MATRIX_FREE_SOLVERS:
-        timings["kernel_s"] = 0.0
-        tic = time.perf_counter()
-        if ntk.solver == "matrix_free":
-            pairs = matrix_free_eigenpairs(
-                apply_fn, params, x, ntk.num_eigvecs, progress=True, **options
-            )
-        else:
-            pairs = nystrom_eigenpairs(
-                apply_fn, params, x, ntk.num_eigvecs, num_landmarks=ntk.nystrom_dims, **options
-            )
-        timings["eigen_s"] = time.perf_counter() - tic
-        return None, pairs
-
-    out = None
-    if _use_out_of_core(ntk.out_of_core, len(x)):
-        out = run_dir / "kernel.npy"
-        logger.info("kernel kept on disk at %s (resumable: rerun the same command)", out)
-    tic = time.perf_counter()
-    kernel = empirical_ntk(
-        apply_fn,
-        params,
-        x,
-        output=ntk.output,
-        implementation=ntk.implementation,
-        batch_size=ntk.batch_size,
-        precision=ntk.precision,
-        storage_dtype=ntk.storage_dtype,
-        memory_bytes=ntk.memory_bytes,
-        param_chunk_size=ntk.param_chunk_size,
-        projection_dim=ntk.projection_dim,
-        projection=ntk.projection,
-        projection_seed=cfg.seed,
-        out=out,
-        progress=True,
-    )
-    timings["kernel_s"] = time.perf_counter() - tic
-    if not distributed.is_writer():  # process 0 eigendecomposes the formed kernel alone
-        return None, None
-    check_finite(kernel)
-    tic = time.perf_counter()
-    pairs = top_eigenpairs(kernel, ntk.num_eigvecs, solver=ntk.solver, seed=cfg.seed, progress=True)
-    timings["eigen_s"] = time.perf_counter() - tic
-    return kernel, pairs
-
-
-def check_finite(kernel: np.ndarray, *, rows_per_block: int = 4096) -> None:
-    """Raises ValueError naming the first non-finite entry of a kernel [N, N] (read by row blocks).
-
-    Raises:
-      ValueError: an entry is NaN or infinite (the message gives its row and column).
-    """
-    for start in range(0, len(kernel), rows_per_block):
-        block = np.asarray(kernel[start : start + rows_per_block])
-        bad = np.argwhere(~np.isfinite(block))
-        if len(bad):
-            row, column = int(bad[0, 0]) + start, int(bad[0, 1])
-            raise ValueError(
-                f"the kernel has {len(bad)} non-finite entries in rows {start}.."
-                f"{start + len(block) - 1} (first at [{row}, {column}] = {block[bad[0, 0], column]}); "
-                "check the inputs and parameters for NaN/Inf"
-            )
-
-
-def _use_out_of_core(setting: bool | str, num_samples: int) -> bool:
-    """``ntk.out_of_core``: true, false, or auto (the kernel would take > 1/4 of host RAM)."""
-    if setting == "auto":
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return num_samples * num_samples * 4 > ram // 4
-    return bool(setting)
-
-
-def _kernel_summary(
-    kernel: np.ndarray | None, num_samples: int, timings: dict[str, float]
-) -> dict[str, object]:
-    if kernel is None:
-        return {"formed": False}
-    trace = sum(float(np.trace(kernel[i : i + 4096, i : i + 4096], dtype=np.float64))
-                for i in range(0, num_samples, 4096))  # fmt: skip
+def _meta(cfg, dataset, x, params, kernel, pairs: Eigenpairs, readouts, timings) -> dict:
+    """``meta.json``'s fields (the file list is added by ``RunFolder.finish``)."""
     return {
-        "formed": True,
-        "dtype": str(kernel.dtype),
-        "on_disk": isinstance(kernel, np.memmap),
-        "entries": int(kernel.size),
-        "entries_per_s": kernel.size / max(timings["kernel_s"], 1e-9),
-        "trace": trace,
+        "script": "compute_ntk",
+        "config": artifacts.to_container(cfg),
+        **artifacts.environment_info(),
+        "blas_threads": threads.describe(),
+        "num_samples": len(x),
+        "num_train": len(dataset.train.images),
+        "num_test": len(dataset.test.images),
+        "input_shape": list(x.shape[1:]),
+        "num_params": count_params(params),
+        "inputs": {"sha256": artifacts.array_digest(x), "dtype": str(x.dtype)},
+        "kernel": kernel_summary(kernel, len(x), timings),
+        "eigen": {
+            "solver": pairs.solver,
+            "dtype": eigen_precision(cfg.ntk.eigen_dtype, cfg.ntk.solver, len(x))[0]
+            if kernel is not None
+            else "float32",
+            "num_eigvecs": len(pairs.values),
+            "max_residual": pairs.max_residual,
+            "iterations": pairs.iterations,
+            "passes": pairs.passes,
+            "min_gap": float(pairs.gaps.min()),
+            **readouts["resolution"],
+            "sign_convention": "largest-magnitude entry of each eigenvector is positive",
+        },
+        "init_quotients": readouts["init_quotients"],
+        "kernel_regression": readouts["kernel_regression"],
+        "timings": timings,
     }

@@ -43,30 +43,34 @@ from flax import linen as nn
 from omegaconf import DictConfig
 
 from ntklab import artifacts
-from ntklab.experiments.presets import ensure_eigenfunctions
-from ntklab.experiments.train_ntk import (
+from ntklab.experiments.eigenfunctions import (
     bn_statistics_record,
-    check_label_idx,
+    check_eigenfunctions,
     eigenfunction_labels,
-    from_init_lr_scale,
     has_batch_norm,
-    load_ntk_run,
+    load_eigenfunctions,
     select_batch_stats,
+    warn_if_unresolved,
 )
+from ntklab.experiments.prerequisites import ensure_eigenfunctions
 from ntklab.experiments.training import (
+    check_training,
     file_sha256,
-    fit_model_kwargs,
+    finished_already,
+    from_init_lr_scale,
+    majority_rate,
+    make_trainee,
     ntk_run_meta,
     open_training_run,
     order_seed,
     run_facts,
-    train_config,
     write_results,
 )
+from ntklab.experiments.validation import train_config
 from ntklab.lr_normalization import LrScale, ntk_lr_scale
 from ntklab.models import inference_apply_fn
 from ntklab.plots import comparison_figure
-from ntklab.train import TrainConfig, fit
+from ntklab.train import TrainConfig, TrainData, Trainee, fit
 from ntklab.types import PyTree
 
 logger = logging.getLogger(__name__)
@@ -106,9 +110,9 @@ def comparison_setup(
         ``pretrained_params`` (or without ``pretrained_batch_stats`` when they are needed).
     """
     if name == "network":
-        return fit_model_kwargs(model, init_variables)
+        return make_trainee(model, init_variables)
     if name == "linear_init":
-        return fit_model_kwargs(
+        return make_trainee(
             model, init_variables, linearize_at=init_variables["params"], with_bias=False
         )
     if name == "linear_pretrained":
@@ -126,8 +130,21 @@ def comparison_setup(
         variables = {**init_variables, "params": pretrained_params}
         if "batch_stats" in init_variables:
             variables["batch_stats"] = stats
-        return fit_model_kwargs(model, variables, linearize_at=pretrained_params, with_bias=False)
+        return make_trainee(model, variables, linearize_at=pretrained_params, with_bias=False)
     raise ValueError(f"unknown run {name!r}; valid choices: {', '.join(RUNS)}")
+
+
+def check(cfg: DictConfig) -> str:
+    """Everything ``run`` checks before it writes; returns the run folder's state.
+
+    Raises:
+      ConfigError: an invalid key or value, or ``label_idx`` beyond the run's eigenvectors.
+      FileNotFoundError: the compute_ntk.py run is missing (the message gives the command).
+      ValueError: the compute_ntk.py run was made for another configuration.
+      FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
+    """
+    return check_training(cfg, check_eigenfunctions)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -138,32 +155,29 @@ def run(cfg: DictConfig) -> Path:
         ``model``, ``data``, ``train``, ``paths``, ``progress``).
 
     Returns:
-      The run folder.
+      The run folder (left as it is when it already holds this finished run).
 
     Raises:
-      FileNotFoundError: the compute_ntk.py run is missing (the message gives the command).
-      ValueError: ``label_idx`` out of range, a mismatching run, or invalid training options.
+      See :func:`check`.
     """
+    done = finished_already(cfg, check(cfg), "pretrained_ntk_comparison")
+    if done is not None:
+        return done
     config = train_config(cfg)
-    check_label_idx(cfg.label_idx)
     ensure_eigenfunctions(cfg, num_eigvecs=cfg.label_idx + 1)  # prerequisites=create
-    ntk_run = load_ntk_run(cfg, num_eigvecs=cfg.label_idx + 1)
+    ntk_run = load_eigenfunctions(cfg)
     labels = eigenfunction_labels(ntk_run.eigvecs, cfg.label_idx)
-    with open_training_run(cfg) as run_folder:
-        _compare(cfg, config, ntk_run, labels, run_folder)
+    unresolved = warn_if_unresolved(ntk_run.path, cfg.label_idx)
+    with open_training_run(cfg, "pretrained_ntk_comparison") as run_folder:
+        _compare(cfg, config, ntk_run, labels, run_folder, unresolved)
     return run_folder.path
 
 
-def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> None:
+def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder, unresolved) -> None:
     """Trains the three runs, plots their accuracies and writes the results."""
     run_dir = run_folder.path
     n = ntk_run.num_train
-    data = {
-        "x_train": ntk_run.x[:n],
-        "y_train": labels[:n],
-        "x_test": ntk_run.x[n:],
-        "y_test": labels[n:],
-    }
+    data = TrainData(ntk_run.x[:n], labels[:n], ntk_run.x[n:], labels[n:])
     finals: dict[str, dict] = {}
     timings: dict[str, float] = {}
     scales: dict[str, LrScale] = {}
@@ -180,19 +194,19 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
         folder = run_dir / "runs" / name
         artifacts.save_params(
             folder / "start_params.msgpack",
-            {"params": setup["params"], "batch_stats": setup["batch_stats"]},
+            {"params": setup.params, "batch_stats": setup.batch_stats},
         )
         if name == "linear_pretrained" and config.lr_normalization == "ntk":
             tic = time.perf_counter()
-            scales[name] = _pretrained_lr_scale(config, ntk_run, setup, data["x_train"], folder)
+            scales[name] = _pretrained_lr_scale(config, ntk_run, setup, data.x_train, folder)
             timings["lr_normalization_s"] = time.perf_counter() - tic
         else:
             scales[name] = from_init_lr_scale(config)  # (a), (b): K_init itself
         tic = time.perf_counter()
         result = fit(
-            **setup,
-            **data,
-            config=dataclasses.replace(config, max_lr=scales[name].effective_max_lr),
+            setup,
+            data,
+            dataclasses.replace(config, max_lr=scales[name].effective_max_lr),
             seed=order_seed(cfg),
             run_dir=folder,
             checkpoint_dir=run_dir / "checkpoints" / name,
@@ -211,6 +225,10 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
     figure = comparison_figure(
         accuracies,
         title=f"{cfg.model.name} on {cfg.data.dataset}, labels sign(v_{cfg.label_idx})",
+        chance={
+            "train/acc": majority_rate(labels[:n]),
+            "test/acc": majority_rate(labels[n:]),
+        },
     )
     for suffix in ("png", "pdf"):
         artifacts.save_figure(figure, run_dir / f"comparison.{suffix}")
@@ -226,20 +244,20 @@ def _compare(cfg, config, ntk_run, labels, run_folder: artifacts.RunFolder) -> N
         metrics={
             "label_idx": cfg.label_idx,
             "eigval": float(ntk_run.eigvals[cfg.label_idx]),
+            "label_unresolved": unresolved,
             "train/label_mean": float(np.mean(labels[:n])),
             **run_facts(file_sha256(ntk_run.path / "init_params.msgpack"), labels[:n], labels[n:]),
             **facts,
             "runs": finals,
         },
         meta={**ntk_run_meta(ntk_run, timings), **facts},
-        summary_name=f"label_{cfg.label_idx}-seed_{cfg.seed}.json",
     )
 
 
 def _pretrained_lr_scale(
     config: TrainConfig,
     ntk_run: artifacts.NTKRun,
-    setup: dict[str, Any],
+    setup: Trainee,
     x_train: np.ndarray,
     folder: Path,
 ) -> LrScale:
@@ -247,7 +265,7 @@ def _pretrained_lr_scale(
 
     K_init is the initial network's eNTK (θ0, θ0's BatchNorm statistics), K_(c) that of the model
     (c) trains, both on the train set [N_train, ...]. (c)'s model J(θ_T)(θ − θ_T) has, at every
-    θ, the network's eNTK at θ_T under (c)'s BatchNorm statistics ``setup["batch_stats"]`` (those
+    θ, the network's eNTK at θ_T under (c)'s BatchNorm statistics ``setup.batch_stats`` (those
     ``bn_statistics`` chose), so that network is what the estimate multiplies with (it is also
     cheaper than differentiating the linearization). A saved estimate in ``folder`` (an
     interrupted run's) is reused, so a resumed run has the identical learning rate.
@@ -263,12 +281,12 @@ def _pretrained_lr_scale(
             scale.effective_max_lr,
         )
         return scale
-    pretrained = {"params": setup["params"], "batch_stats": setup["batch_stats"]}
+    pretrained = {"params": setup.params, "batch_stats": setup.batch_stats}
     scale = ntk_lr_scale(
         inference_apply_fn(ntk_run.model, ntk_run.variables),
         ntk_run.params,
         inference_apply_fn(ntk_run.model, pretrained),
-        setup["params"],
+        setup.params,
         x_train,
         max_lr=config.max_lr,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -24,20 +25,57 @@ from omegaconf import DictConfig
 
 from ntklab import artifacts
 from ntklab.data import load_dataset_config
+from ntklab.errors import ConfigError
+from ntklab.experiments.identity import mode_name
 from ntklab.experiments.training import (
-    fit_model_kwargs,
-    mode_name,
+    check_training,
+    finished_already,
+    from_init_lr_scale,
+    make_trainee,
     open_training_run,
     order_seed,
     params_sha256,
     run_facts,
-    train_config,
     write_results,
 )
+from ntklab.experiments.validation import train_config
 from ntklab.models import build_model, count_params, init_variables
-from ntklab.train import fit
+from ntklab.train import TrainData, fit
 
 logger = logging.getLogger(__name__)
+
+
+class Checked(NamedTuple):
+    """What :func:`check` found: the data and the run folder's state."""
+
+    dataset: Any
+    folder: str
+
+
+def check(cfg: DictConfig) -> Checked:
+    """Everything ``run`` checks before it writes (config, data, run folder).
+
+    Raises:
+      ConfigError: an invalid key or value, a subset larger than the split, or a dataset that is
+        not binary (e.g. ``cifar10``; use ``cifar2``).
+      FileNotFoundError: the dataset's files are missing.
+      FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
+    """
+    loaded = []
+
+    def check_data(cfg: DictConfig) -> None:
+        dataset = load_dataset_config(cfg.data, seed=cfg.seed)
+        if dataset.num_classes != 2:
+            raise ConfigError(
+                f"data.dataset={cfg.data.dataset} is invalid here: train_cifar trains binary "
+                f"classifiers and it has {dataset.num_classes} classes; use a binary dataset "
+                "such as data.dataset=cifar2"
+            )
+        loaded.append(dataset)
+
+    state = check_training(cfg, check_data)
+    return Checked(loaded[0], state)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -48,26 +86,21 @@ def run(cfg: DictConfig) -> Path:
         ``model``, ``data``, ``train``, ``paths``, ``progress``).
 
     Returns:
-      The run folder.
+      The run folder (left as it is when it already holds this finished run).
 
     Raises:
-      ValueError: a dataset that is not binary (e.g. ``cifar10``; use ``cifar2``), an unknown
-        model or dataset, or invalid training options.
-      FileNotFoundError: the dataset's files are missing.
+      See :func:`check`.
     """
-    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    checked = check(cfg)
+    done = finished_already(cfg, checked.folder, "train_cifar")
+    if done is not None:
+        return done
+    timings = {"data_s": time.perf_counter() - tic}
     config = train_config(cfg)
     model = build_model(**cfg.model)
-    tic = time.perf_counter()
-    dataset = load_dataset_config(cfg.data, seed=cfg.seed)
-    if dataset.num_classes != 2:
-        raise ValueError(
-            f"train_cifar trains binary classifiers, but data.dataset={cfg.data.dataset!r} has "
-            f"{dataset.num_classes} classes; use a binary dataset such as data.dataset=cifar2"
-        )
-    timings["data_s"] = time.perf_counter() - tic
-    with open_training_run(cfg) as run_folder:
-        _train(cfg, config, model, dataset, run_folder, timings)
+    with open_training_run(cfg, "train_cifar") as run_folder:
+        _train(cfg, config, model, checked.dataset, run_folder, timings)
     return run_folder.path
 
 
@@ -80,19 +113,16 @@ def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings
 
     variables = init_variables(model, jax.random.PRNGKey(cfg.seed), tuple(x_train.shape[1:]))
     mode = mode_name(linearize=cfg.linearize, with_bias=cfg.with_bias)
-    model_kwargs = fit_model_kwargs(
+    trainee = make_trainee(
         model,
         variables,
         linearize_at=variables["params"] if cfg.linearize else None,
         with_bias=cfg.with_bias,
     )
     result = fit(
-        **model_kwargs,
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        config=config,
+        trainee,
+        TrainData(x_train, y_train, x_test, y_test),
+        config,
         seed=order_seed(cfg),
         run_dir=run_dir,
         checkpoint_dir=run_dir / "checkpoints",
@@ -114,6 +144,7 @@ def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings
             "mode": mode,
             "num_train": len(x_train),
             "num_test": len(x_test),
+            "lr_normalization": from_init_lr_scale(config).as_dict(),
             **run_facts(params_sha256(variables), y_train, y_test),
         },
         meta={
@@ -123,5 +154,4 @@ def _train(cfg, config, model, dataset, run_folder: artifacts.RunFolder, timings
             "num_params": count_params(variables["params"]),
             "timings": timings,
         },
-        summary_name=f"n_{len(x_train)}-{mode}-seed_{cfg.seed}.json",
     )

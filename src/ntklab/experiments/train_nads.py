@@ -24,21 +24,26 @@ from omegaconf import DictConfig
 
 from ntklab import artifacts
 from ntklab.experiments.compute_nads import NADRun, load_nads
-from ntklab.experiments.presets import ensure_nads
+from ntklab.experiments.identity import mode_name
+from ntklab.experiments.prerequisites import ensure_nads
 from ntklab.experiments.training import (
+    check_label_idx,
+    check_prerequisite,
+    check_training,
     file_sha256,
-    fit_model_kwargs,
+    finished_already,
+    from_init_lr_scale,
     hydra_override,
-    mode_name,
+    make_trainee,
     open_training_run,
     order_seed,
     run_facts,
-    train_config,
     write_results,
 )
+from ntklab.experiments.validation import train_config
 from ntklab.models import count_params
 from ntklab.nads import nad_dataset
-from ntklab.train import fit
+from ntklab.train import TrainData, fit
 
 logger = logging.getLogger(__name__)
 
@@ -54,58 +59,28 @@ def compute_nads_command(cfg: DictConfig) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
-def _normalized(value: object) -> object:
-    return list(value) if isinstance(value, list | tuple) else value
-
-
-def load_nads_for(cfg: DictConfig) -> NADRun:
-    """Loads the ``compute_nads.py`` run at ``paths.nads`` and checks its model matches ``cfg``.
-
-    Args:
-      cfg: a config with ``model`` and ``paths.nads``.
-
-    Returns:
-      The run.
+def check(cfg: DictConfig) -> str:
+    """Everything ``run`` checks before it writes; returns the run folder's state.
 
     Raises:
-      FileNotFoundError: no finished run there; the message holds the command that makes it.
-      ValueError: the run was computed for another model configuration.
+      ConfigError: an invalid key or value, or ``label_idx`` beyond the run's directions.
+      FileNotFoundError: the compute_nads.py run is missing (the message gives the command).
+      ValueError: the compute_nads.py run was made for another model or seed.
+      FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
     """
-    path = Path(cfg.paths.nads)
-    command = compute_nads_command(cfg)
-    if not (path / artifacts.META_FILE).exists():
-        raise FileNotFoundError(
-            f"no finished compute_nads.py run in {path} (meta.json missing; expected nads.npy, "
-            f"eigvals.npy, init_params.msgpack, meta.json); make it with:\n  {command}"
-        )
-    nads = load_nads(path)
-    wanted = artifacts.to_container(cfg.model)
-    found = dict(nads.config.model)
-    differences = [
-        f"model.{key}: run has {found.get(key)!r}, this config {wanted.get(key)!r}"
-        for key in sorted(set(wanted) | set(found))
-        if _normalized(found.get(key)) != _normalized(wanted.get(key))
-    ]
-    if nads.config.get("seed") is not None and int(nads.config.seed) != int(cfg.seed):
-        differences.append(f"seed: run has {nads.config.seed}, this config {cfg.seed}")
-    if differences:
-        raise ValueError(
-            f"the compute_nads.py run in {path} was made for another model ("
-            + "; ".join(differences)
-            + f"); pass the run's settings, or recompute it with:\n  {command} overwrite=true"
-        )
-    return nads
+    return check_training(cfg, _check_nads)
 
 
-def check_label_idx(label_idx: int, num_directions: int) -> None:
-    """Raises ValueError unless ``0 <= label_idx < num_directions`` (an integer)."""
-    if isinstance(label_idx, bool) or not isinstance(label_idx, int | np.integer):
-        raise ValueError(f"label_idx must be an integer, got {label_idx!r}")
-    if not 0 <= label_idx < num_directions:
-        raise ValueError(
-            f"label_idx={label_idx} is out of range: the run has {num_directions} NADs, so "
-            f"label_idx must be in 0..{num_directions - 1}"
-        )
+def _check_nads(cfg: DictConfig) -> None:
+    """The compute_nads.py run ``cfg`` trains on, and ``label_idx`` among its directions."""
+    meta = check_prerequisite(
+        cfg, cfg.paths.nads, script="compute_nads", groups=("model",),
+        command=compute_nads_command(cfg),
+    )  # fmt: skip
+    if meta is not None:
+        count = int(meta.get("input_dim", 0))
+        check_label_idx(cfg.label_idx, count, what="NADs", path=cfg.paths.nads, fix="")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -116,19 +91,20 @@ def run(cfg: DictConfig) -> Path:
         ``with_bias``, ``model``, ``data``, ``train``, ``paths``, ``progress``).
 
     Returns:
-      The run folder.
+      The run folder (left as it is when it already holds this finished run).
 
     Raises:
-      FileNotFoundError: the compute_nads.py run is missing (the message gives the command).
-      ValueError: ``label_idx`` out of range, a mismatching run, or invalid data or training
-        options.
+      See :func:`check`.
     """
+    done = finished_already(cfg, check(cfg), "train_nads")
+    if done is not None:
+        return done
     timings: dict[str, float] = {}
     config = train_config(cfg)
     tic = time.perf_counter()
     ensure_nads(cfg)  # prerequisites=create
-    nads = load_nads_for(cfg)
-    check_label_idx(cfg.label_idx, len(nads.directions))
+    check(cfg)  # the NAD run exists now: its directions and label_idx
+    nads = load_nads(cfg.paths.nads)
     data = nad_dataset(
         nads.directions[cfg.label_idx],
         shape=nads.shape,
@@ -150,8 +126,7 @@ def run(cfg: DictConfig) -> Path:
         list(nads.shape),
         100 * y_train.mean(),
     )
-
-    with open_training_run(cfg) as run_folder:
+    with open_training_run(cfg, "train_nads") as run_folder:
         _train(cfg, config, nads, data, y_train, y_test, run_folder, timings)
     return run_folder.path
 
@@ -160,19 +135,16 @@ def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings
     """Trains on the NAD task and writes the results."""
     run_dir = run_folder.path
     mode = mode_name(linearize=cfg.linearize, with_bias=cfg.with_bias)
-    model_kwargs = fit_model_kwargs(
+    trainee = make_trainee(
         nads.model,
         nads.variables,
         linearize_at=nads.params if cfg.linearize else None,
         with_bias=cfg.with_bias,
     )
     result = fit(
-        **model_kwargs,
-        x_train=data.x_train,
-        y_train=y_train,
-        x_test=data.x_test,
-        y_test=y_test,
-        config=config,
+        trainee,
+        TrainData(data.x_train, y_train, data.x_test, y_test),
+        config,
         seed=order_seed(cfg),
         run_dir=run_dir,
         checkpoint_dir=run_dir / "checkpoints",
@@ -190,6 +162,7 @@ def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings
         "eigval": float(nads.eigvals[cfg.label_idx]),
         "train/label_mean": float(y_train.mean()),
         "test/label_mean": float(y_test.mean()),
+        "lr_normalization": from_init_lr_scale(config).as_dict(),
         **run_facts(file_sha256(nads.path / "init_params.msgpack"), y_train, y_test),
     }
     write_results(
@@ -207,5 +180,4 @@ def _train(cfg, config, nads: NADRun, data, y_train, y_test, run_folder, timings
             "num_params": count_params(nads.params),
             "timings": timings,
         },
-        summary_name=f"nad_{cfg.label_idx}-{mode}-seed_{cfg.seed}.json",
     )

@@ -1,10 +1,12 @@
 """What the training scripts share: the run folder, the model's functions and the result files.
 
-Each training script (``train_ntk``, ``pretrained_ntk_comparison``, ``train_cifar``) writes into
-its Hydra run folder (``paths.run_dir``, by default ``${hydra:runtime.output_dir}``):
-``metrics.jsonl`` (per epoch), ``params.msgpack``, ``metrics.json`` (final metrics and the
-resolved config), figures, and ``meta.json`` last; plus a copy of ``metrics.json`` with the run
-folder's path under ``paths.summary_dir`` in ``artifacts/``.
+Each training script (``train_ntk``, ``train_nads``, ``pretrained_ntk_comparison``,
+``train_cifar``) writes into its run folder (``paths.run_dir``, by default
+``<paths.artifacts>/<script>/.../<run name>``, named after the run's identity: see
+:mod:`ntklab.experiments.identity`): ``metrics.jsonl`` (per epoch), ``params.msgpack``,
+``metrics.json`` (final metrics and the resolved config), figures, and ``meta.json`` last. Nothing
+is written outside the run folder except the pointer ``run.json`` in Hydra's job folder
+(:func:`ntklab.experiments.checks.point_to_run`), which lets a sweep's report find its runs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,16 @@ import flax.serialization
 import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 from ntklab import artifacts
-from ntklab.experiments.schema import validate
+from ntklab.errors import ConfigError
+from ntklab.experiments import identity
+from ntklab.experiments.pointers import point_to_run
+from ntklab.experiments.validation import validate
 from ntklab.linearize import linearize
+from ntklab.lr_normalization import LrScale, unit_lr_scale
 from ntklab.models import count_params, inference_apply_fn, train_apply_fn
-from ntklab.train import TrainConfig, eval_apply_fn
+from ntklab.train import TrainConfig, Trainee, eval_apply_fn
 from ntklab.types import PyTree
 
 logger = logging.getLogger(__name__)
@@ -35,88 +40,147 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-NON_IDENTITY_KEYS = {
-    "": ("paths", "progress", "overwrite", "prerequisites"),
-    "data": ("root", "download"),
-    "train": ("eval_batch_size", "checkpoint_every"),
-    "alignment": ("batch_size", "vector_batch_size"),
-}
-"""Config keys that do not change a training run's results, left out of its folder's identity."""
-
-
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The config keys that determine a training run's results (what ``config.json`` records)."""
-    identity = {
-        key: artifacts.to_container(cfg[key]) if isinstance(cfg[key], DictConfig) else cfg[key]
-        for key in cfg
-        if key not in NON_IDENTITY_KEYS[""]
-    }
-    for group, keys in NON_IDENTITY_KEYS.items():
-        for key in keys if group and group in identity else ():
-            identity[group].pop(key, None)
-    return identity
+    return identity.run_identity(cfg)
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    """``paths.run_dir``, resolved.
+def check_training(cfg: DictConfig, *checks: Callable[[DictConfig], object]) -> str:
+    """The checks every training script makes before writing; returns the run folder's state.
+
+    In order: the config (:func:`~ntklab.experiments.validation.validate`; an ignored ``with_bias``
+    is noted), the script's own ``checks`` (its prerequisite run, its data), then the run folder
+    (``ntklab.artifacts.folder_state``).
 
     Raises:
-      ValueError: ``paths.run_dir`` is Hydra's output folder but the config was not composed by
-        ``@hydra.main`` (e.g. ``hydra.compose`` in a notebook or test): set it explicitly.
+      ConfigError: a config value of the wrong range or choice, or an unknown key.
+      FileExistsError: the run folder holds a run of another configuration.
+      RunFolderInUse: another process is writing the run folder.
+      Exception: whatever the ``checks`` raise.
     """
-    try:
-        return Path(cfg.paths.run_dir)
-    except InterpolationResolutionError as error:
+    validate(cfg)
+    if "with_bias" in cfg and not cfg.with_bias and not cfg.get("linearize", True):
+        logger.warning(
+            "with_bias=false is ignored: it only applies to linearized models (linearize=true)"
+        )
+    for check in checks:
+        check(cfg)
+    return artifacts.folder_state(cfg.paths.run_dir, run_identity(cfg), overwrite=cfg.overwrite)
+
+
+def check_prerequisite(
+    cfg: DictConfig,
+    path: str | Path,
+    *,
+    script: str,
+    groups: tuple[str, ...],
+    command: str,
+) -> dict[str, Any] | None:
+    """Checks the compute run a training run needs (``compute_ntk`` or ``compute_nads``).
+
+    Args:
+      cfg: the training config (``seed``, ``prerequisites`` and the ``groups``).
+      path: the compute run's folder.
+      script: the compute script's name, for the messages.
+      groups: the config groups the run must share with ``cfg`` (``data.root`` and
+        ``data.download`` may differ).
+      command: the command that makes the run, for the messages.
+
+    Returns:
+      The run's ``meta.json``; None when it is missing and ``prerequisites=create`` will make it.
+
+    Raises:
+      FileNotFoundError: no finished run there (the message gives the command).
+      ValueError: the run was made for another configuration (the message lists the keys).
+    """
+    path = Path(path)
+    if not (path / artifacts.META_FILE).is_file():
+        if cfg.get("prerequisites", "require") == "create":
+            return None
+        raise FileNotFoundError(
+            f"no finished {script}.py run in {path} (meta.json missing); add "
+            f"prerequisites=create to compute it first, or make it with:\n  {command}"
+        )
+    meta = artifacts.load_json(path / artifacts.META_FILE)
+    found = {group: meta.get("config", {}).get(group) for group in (*groups, "seed")}
+    wanted = {group: artifacts.to_container(cfg[group]) for group in groups}
+    wanted["seed"] = cfg.seed
+    for config in (found, wanted):
+        if isinstance(config.get("data"), dict):
+            config["data"] = {
+                k: v for k, v in config["data"].items() if k not in NON_IDENTITY_DATA_KEYS
+            }
+    differences = artifacts.differences_of(found, wanted)
+    if differences:
         raise ValueError(
-            "paths.run_dir is ${hydra:runtime.output_dir}, which exists only in a run started by "
-            "@hydra.main; set paths.run_dir=<folder> when calling run(cfg) directly"
-        ) from error
+            f"the {script}.py run in {path} was made for another configuration ("
+            + "; ".join(
+                key + ": run has " + change.replace(" -> ", ", this config ")
+                for key, _, change in (d.partition(": ") for d in differences)
+            )
+            + f"); pass the run's settings, or recompute it with:\n  {command} overwrite=true"
+        )
+    return meta
+
+
+NON_IDENTITY_DATA_KEYS = ("root", "download")
+"""Data keys that may differ between a training run and its compute run."""
+
+
+def check_label_idx(label_idx: int, count: int, *, what: str, path: str | Path, fix: str) -> None:
+    """Refuses a ``label_idx`` outside the prerequisite run's ``count`` directions.
+
+    Raises:
+      ConfigError: naming the valid range and how to get more (``fix``).
+    """
+    if not 0 <= label_idx < count:
+        raise ConfigError(
+            f"label_idx={label_idx} is out of range: {path} holds {count} {what}, so label_idx "
+            f"must be in 0..{count - 1}{fix}"
+        )
 
 
 @contextlib.contextmanager
-def open_training_run(cfg: DictConfig) -> Iterator[artifacts.RunFolder]:
+def open_training_run(cfg: DictConfig, script: str) -> Iterator[artifacts.RunFolder]:
     """Logs the config and devices, then claims and locks the run folder (see ``open_run``).
 
-    A rerun of the same configuration into the folder continues there; another configuration is
-    refused unless ``overwrite=true``. Hydra's own files in the folder (``.hydra/``, the log) stay.
+    A rerun of the same configuration into the folder continues there (from its checkpoints);
+    another configuration is refused unless ``overwrite=true``.
 
     Raises:
-      ValueError: ``paths.run_dir`` cannot be resolved (see :func:`run_dir_of`).
       FileExistsError: the folder holds a run of another configuration.
       RunFolderInUse: another process is writing the folder.
     """
-    run_dir = run_dir_of(cfg)
+    run_dir = Path(cfg.paths.run_dir)
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     logger.info("JAX devices: %s", jax.devices())
-    with artifacts.open_run(
-        run_dir, run_identity(cfg), overwrite=cfg.overwrite, foreign_files=True
-    ) as run_folder:
+    with artifacts.open_run(run_dir, run_identity(cfg), overwrite=cfg.overwrite) as run_folder:
+        point_to_run(run_dir, script)
         logger.info("writing to %s", run_dir.resolve())
         yield run_folder
 
 
-def train_config(cfg: DictConfig) -> TrainConfig:
-    """Checks the whole config (:func:`~ntklab.experiments.schema.validate`) and returns the
-    ``train:`` block as a :class:`~ntklab.train.TrainConfig`."""
-    validate(cfg)
-    return TrainConfig.from_mapping(artifacts.to_container(cfg.train))
+def finished_already(cfg: DictConfig, state: str, script: str) -> Path | None:
+    """The run folder when it already holds this finished run (logged), else None.
+
+    ``overwrite=true`` computes a finished run again.
+    """
+    if state != "finished" or cfg.overwrite:
+        return None
+    run_dir = Path(cfg.paths.run_dir)
+    logger.info("%s already holds this finished run; nothing to do", run_dir)
+    point_to_run(run_dir, script)
+    return run_dir
 
 
-def mode_name(*, linearize: bool, with_bias: bool = True) -> str:
-    """``network``, ``linear`` or ``linear_nobias``: the model a run trains."""
-    if not linearize:
-        return "network"
-    return "linear" if with_bias else "linear_nobias"
-
-
-def fit_model_kwargs(
+def make_trainee(
     model: nn.Module,
     variables: PyTree,
     *,
     linearize_at: PyTree | None = None,
     with_bias: bool = True,
-) -> dict[str, Any]:
-    """The model arguments of :func:`ntklab.train.fit` for a network or its linearization.
+) -> Trainee:
+    """What :func:`ntklab.train.fit` trains: a network or its linearization.
 
     Args:
       model: the Flax module.
@@ -132,14 +196,11 @@ def fit_model_kwargs(
     """
     start = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     if linearize_at is None:
-        return {
-            "apply_fn": None,
-            "train_apply_fn": train_apply_fn(model),
-            "eval_apply_fn": eval_apply_fn(model),
-            **start,
-        }
+        return Trainee(
+            train_apply_fn=train_apply_fn(model), eval_apply_fn=eval_apply_fn(model), **start
+        )
     apply_fn = inference_apply_fn(model, variables)
-    return {"apply_fn": linearize(apply_fn, linearize_at, with_bias=with_bias), **start}
+    return Trainee(apply_fn=linearize(apply_fn, linearize_at, with_bias=with_bias), **start)
 
 
 def write_results(
@@ -149,9 +210,8 @@ def write_results(
     script: str,
     metrics: dict[str, Any],
     meta: dict[str, Any],
-    summary_name: str,
 ) -> None:
-    """Writes ``metrics.json``, the summary under ``paths.summary_dir``, then ``meta.json``.
+    """Writes ``metrics.json``, then ``meta.json`` (last: the run is complete once it exists).
 
     Args:
       run_folder: the run folder, from :func:`open_training_run`.
@@ -159,14 +219,10 @@ def write_results(
       script: the script's name.
       metrics: final metrics (``split/metric`` keys) and other results.
       meta: shapes, timings and other metadata for ``meta.json``.
-      summary_name: file name of the summary in ``paths.summary_dir``.
     """
     run_dir = run_folder.path
     config = artifacts.to_container(cfg)
-    content = {"script": script, **metrics, "config": config}
-    artifacts.save_json(run_dir / METRICS_FILE, content)
-    summary = Path(cfg.paths.summary_dir) / summary_name
-    artifacts.save_json(summary, {**content, "run_dir": str(run_dir.resolve())})
+    artifacts.save_json(run_dir / METRICS_FILE, {"script": script, **metrics, "config": config})
     provenance = (
         {"init_params_sha256": metrics["init_params_sha256"]}
         if "init_params_sha256" in metrics
@@ -175,7 +231,22 @@ def write_results(
     run_folder.finish(
         {"script": script, "config": config, **provenance, **artifacts.environment_info(), **meta}
     )
-    logger.info("done: %s (summary %s)", run_dir, summary)
+    logger.info("done: %s", run_dir)
+
+
+SAME_KERNEL = "the model starts at θ0 with the initial kernel K_init: ratio 1 by definition"
+"""Why ``lr_normalization=ntk`` estimates nothing for a network or linearization from θ0."""
+
+
+def from_init_lr_scale(config: TrainConfig) -> LrScale:
+    """The learning-rate record of a run that starts at θ0 (network or linearization at θ0),
+    whose kernel is K_init: ratio 1, nothing estimated; logged once with ``lr_normalization=ntk``."""
+    if config.lr_normalization == "none":
+        return unit_lr_scale("none", config.max_lr, reason="lr_normalization=none")
+    logger.info(
+        "lr_normalization=%s: %s; max_lr %g", config.lr_normalization, SAME_KERNEL, config.max_lr
+    )
+    return unit_lr_scale(config.lr_normalization, config.max_lr, reason=SAME_KERNEL)
 
 
 def order_seed(cfg: DictConfig) -> int:
@@ -192,7 +263,7 @@ def params_sha256(variables: PyTree) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (e.g. a run's ``init_params.msgpack``: θ0 as saved)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return artifacts.file_digest(path)["sha256"]
 
 
 def majority_rate(labels: np.ndarray) -> float | None:

@@ -6,12 +6,16 @@ Every model maps NHWC images [B, H, W, C] to outputs [B, K] through
 ``__call__(x, train=False)`` and has the fields ``num_outputs`` and ``activation``.
 BatchNorm statistics live in the ``batch_stats`` collection, apart from ``params``.
 
-Adding a model: write one module ``ntklab/models/<name>.py`` holding a ``flax.linen.Module``
-whose ``__call__(self, x, train: bool = False)`` takes [B, H, W, C] and returns [B, K] and whose
-fields include ``num_outputs: int = 1`` and ``activation: str = "relu"``; add one entry
-``"<name>": <Class>`` to ``_MODELS`` below; and add one ``config/model/<name>.yaml`` whose keys
-are ``name: <name>`` plus the constructor fields with their defaults (lists for tuple fields).
-Nothing else changes.
+Adding a model to the zoo: write one module ``ntklab/models/<name>.py`` holding a
+``flax.linen.Module`` whose ``__call__(self, x, train: bool = False)`` takes [B, H, W, C] and
+returns [B, K] and whose fields include ``num_outputs: int = 1`` and ``activation: str = "relu"``;
+add one entry ``"<name>": <Class>`` to ``_MODELS`` below; and add one
+``config/model/<name>.yaml`` whose keys are ``name: <name>`` plus the constructor fields with
+their defaults (lists for tuple fields). Nothing else changes.
+
+Bringing your own model without editing the zoo: a config file ``<your folder>/model/<name>.yaml``
+with ``_target_: package.module.Class`` (importable), ``name: <name>`` and the constructor fields,
+selected with ``model=<name> hydra.searchpath=[file://<your folder>]``.
 
 Example:
     model = build_model("resnet18", num_outputs=10)
@@ -23,6 +27,7 @@ Example:
 """
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,10 +43,13 @@ from ntklab.models.resnet18 import ResNet18
 from ntklab.types import ApplyFn, PyTree
 
 __all__ = [
+    "TARGET_KEY",
     "build_model",
     "count_params",
     "inference_apply_fn",
     "init_variables",
+    "model_class",
+    "model_fields",
     "model_names",
     "train_apply_fn",
 ]
@@ -53,6 +61,8 @@ _MODELS: dict[str, type[nn.Module]] = {
 }
 
 _NOT_CONSTRUCTOR_FIELDS = frozenset({"parent", "name"})
+TARGET_KEY = "_target_"
+"""A model config with this key names its own ``flax.linen.Module`` class (``package.module.Class``)."""
 
 
 def model_names() -> list[str]:
@@ -60,37 +70,71 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def _model_fields(cls: type[nn.Module]) -> list[str]:
-    """Constructor fields of a model class, without Flax's ``parent`` and ``name``."""
-    return [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_CONSTRUCTOR_FIELDS]
-
-
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Constructs a registered model from its name and constructor fields.
-
-    ``build_model(**cfg)`` works with a ``config/model/<name>.yaml`` config: list values
-    (including OmegaConf ``ListConfig``) become tuples.
+def model_class(name: str | None = None, target: str | None = None) -> type[nn.Module]:
+    """The Flax module class of a registered model or of a ``_target_`` (any importable class).
 
     Args:
-        name: registered model name, one of ``model_names()``.
+        name: a registered name (``model_names()``), used when ``target`` is None.
+        target: ``"package.module.Class"`` of a ``flax.linen.Module`` subclass outside the zoo.
+
+    Raises:
+        ValueError: an unknown name, a target that cannot be imported, or a class that is not a
+            ``flax.linen.Module``.
+    """
+    if target is None:
+        if name not in _MODELS:
+            raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(model_names())}")
+        return _MODELS[name]
+    module_name, _, class_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"model._target_={target!r} cannot be imported ({type(error).__name__}: {error}); "
+            "the module must be on the Python path (e.g. PYTHONPATH=<its folder>)"
+        ) from error
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"model._target_={target!r} is not a flax.linen.Module subclass")
+    return cls
+
+
+def model_fields(cls: type[nn.Module]) -> dict[str, dataclasses.Field]:
+    """Constructor fields of a model class by name, without Flax's ``parent`` and ``name``."""
+    return {
+        f.name: f
+        for f in dataclasses.fields(cls)
+        if f.name not in _NOT_CONSTRUCTOR_FIELDS and f.init
+    }
+
+
+def build_model(name: str | None = None, **kwargs: Any) -> nn.Module:
+    """Constructs a model from a config: a registered name, or ``_target_``, plus its fields.
+
+    ``build_model(**cfg)`` works with a ``config/model/<name>.yaml`` config: list values
+    (including OmegaConf ``ListConfig``) become tuples. A config with ``_target_`` (a
+    ``flax.linen.Module`` of the user's, importable) is built the same way; its ``name`` only
+    names the run folders.
+
+    Args:
+        name: registered model name, one of ``model_names()`` (any name with ``_target_``).
         **kwargs: constructor fields of that model, e.g. ``num_outputs``, ``activation``,
-            ``widths`` (mlp), ``stage_sizes`` and ``width`` (resnet18).
+            ``widths`` (mlp), ``stage_sizes`` and ``width`` (resnet18); or ``_target_``.
 
     Returns:
         The unbound Flax module.
 
     Raises:
-        ValueError: if the name, a keyword or the activation is unknown, or ``num_outputs``
-            is not a positive integer.
+        ValueError: if the name, the target, a keyword or the activation is unknown, or a field
+            is out of range (e.g. ``num_outputs`` not a positive integer).
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(model_names())}")
-    cls = _MODELS[name]
-    fields = _model_fields(cls)
+    target = kwargs.pop(TARGET_KEY, None)
+    cls = model_class(name, target)
+    fields = model_fields(cls)
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
+        owner = f"model {name!r}" if target is None else target
         raise ValueError(
-            f"unknown argument(s) {', '.join(map(repr, unknown))} for model {name!r}; "
+            f"unknown argument(s) {', '.join(map(repr, unknown))} for {owner}; "
             f"valid fields: {', '.join(fields)}"
         )
     kwargs = {

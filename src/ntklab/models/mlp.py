@@ -77,11 +77,15 @@ class MLP(nn.Module):
         """Validates the parameterization options at construction.
 
         Raises:
-            ValueError: if ``parameterization`` is unknown, ``weight_std`` is not positive and
+            ValueError: if a width is not a positive integer, ``parameterization`` is unknown, ``weight_std`` is not positive and
                 finite, ``bias_std`` is not non-negative and finite, or either is changed from
                 its default under ``parameterization="standard"``.
         """
         _check_parameterization(self.parameterization, self.weight_std, self.bias_std)
+        if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.widths):
+            raise ValueError(
+                f"widths={list(self.widths)} is invalid: every width must be an integer >= 1"
+            )
         super().__post_init__()
 
     @nn.compact

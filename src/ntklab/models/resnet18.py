@@ -107,6 +107,21 @@ class ResNet18(nn.Module):
     stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
     width: int = 64
 
+    def __post_init__(self) -> None:
+        """Validates the architecture at construction.
+
+        Raises:
+            ValueError: a stage size or ``width`` that is not a positive integer.
+        """
+        sizes = self.stage_sizes
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(
+                f"stage_sizes={list(sizes)} is invalid: every stage needs an integer >= 1 blocks"
+            )
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"width={self.width!r} is invalid: must be an integer >= 1")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the network.

@@ -1,4 +1,4 @@
-"""Kernel alignment: Rayleigh quotients φᵀKφ/‖φ‖² of the empirical NTK, at about one kernel's cost.
+"""Rayleigh quotients φᵀKφ/‖φ‖² of the empirical NTK by either method, and which vectors to align.
 
 Dimensions: N examples (N_train first, then N_test), k vectors, m vectors per product, B examples
 per block, P parameters.
@@ -10,9 +10,9 @@ per block, P parameters.
 Two methods, both on the engine's shared feature backend (sharded over all devices, Dense layers
 factored where proven exact):
 
-- ``"kernel"``: the N×N kernel is computed once with :func:`ntklab.ntk.empirical_ntk` and every
-  quotient is read off it (φᵀKφ for all k vectors is one [k, N] × [N, N] product). Chosen by
-  ``"auto"`` when the kernel fits the memory budget; its cost is one kernel.
+- ``"kernel"`` (``"auto"``): one streamed pass over the kernel's blocks
+  (:func:`ntklab.alignment.measure_kernel`): every quotient is accumulated block by block and
+  the N×N kernel is never held; its cost is one kernel.
 - ``"operator"``: the matrix-free :class:`ntklab.ntk.KernelOperator` applied to blocks of m
   vectors, each split into its train and test rows: K[φ_tr; 0] and K[0; φ_te] give the
   quotients of K[train, train], K[test, test] and, with the cross term, of the whole K. Memory
@@ -34,7 +34,8 @@ from typing import Literal
 import jax
 import numpy as np
 
-from ntklab.ntk import KernelOperator, empirical_ntk
+from ntklab.alignment._stream import measure_kernel
+from ntklab.ntk import KernelOperator
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
 
@@ -87,7 +88,6 @@ def rayleigh_quotients(
     batch_size: int = 128,
     vector_batch_size: int = 8,
     method: Literal["auto", "kernel", "operator"] = "auto",
-    memory_bytes: int | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Rayleigh quotients ``φᵀKφ / ‖φ‖²`` of the eNTK K (see the module docstring).
@@ -101,9 +101,7 @@ def rayleigh_quotients(
         and the quotients of both diagonal blocks are returned too.
       batch_size: examples per block of the engine.
       vector_batch_size: vectors per operator product (m); memory grows as m·P.
-      method: ``"kernel"``, ``"operator"`` or ``"auto"`` (the kernel when N×N float64 fits
-        ``memory_bytes``).
-      memory_bytes: budget; None: a quarter of host RAM (or half the accelerator's memory).
+      method: ``"kernel"`` (a streamed pass; ``"auto"``) or ``"operator"``.
       progress: show progress bars.
 
     Returns:
@@ -127,28 +125,23 @@ def rayleigh_quotients(
         raise ValueError(
             f"unknown alignment method {method!r}; valid choices: {', '.join(METHODS)}"
         )
-    if memory_bytes is None:
-        from ntklab.ntk._schedule import default_memory_bytes
-
-        memory_bytes = default_memory_bytes(jax.devices()[0])
-    kernel_bytes = 2 * n * n * 8  # the kernel and its float64 copy
-    if method == "auto":
-        method = "kernel" if kernel_bytes <= memory_bytes else "operator"
+    method = "kernel" if method == "auto" else method
     split = num_train if num_train is not None else n
-    logger.info(
-        "alignment: %d vectors, N=%d (%d train), method %s (N×N kernel %.3g GB, budget %.3g GB)",
-        len(vectors), n, split, method, kernel_bytes / 1e9, memory_bytes / 1e9,
-    )  # fmt: skip
+    logger.info("alignment: %d vectors, N=%d (%d train), method %s", len(vectors), n, split, method)
     start = time.perf_counter()
     phi = vectors.astype(np.float64)
     if method == "kernel":
-        kernel = empirical_ntk(apply_fn, params, x, batch_size=batch_size, progress=progress)
-        numerators = _from_kernel(np.asarray(kernel, np.float64), phi, split)
-    else:
-        numerators = _from_operator(
-            KernelOperator(apply_fn, params, x, batch_size=batch_size), phi, split,
-            vector_batch_size, progress,
+        measured = measure_kernel(
+            apply_fn, params, x, phi, num_train=num_train, batch_size=batch_size,
+            progress=progress,
         )  # fmt: skip
+        logger.info("alignment: %d quotients by the kernel's blocks in %.2f s", len(vectors),
+                    time.perf_counter() - start)  # fmt: skip
+        return measured.quotients
+    numerators = _from_operator(
+        KernelOperator(apply_fn, params, x, batch_size=batch_size), phi, split,
+        vector_batch_size, progress,
+    )  # fmt: skip
     parts = {"all": slice(0, n)}
     if num_train is not None:
         parts = {"train": slice(0, split), "test": slice(split, n), "all": slice(0, n)}
@@ -157,20 +150,9 @@ def rayleigh_quotients(
         denominator = np.sum(phi[:, rows] ** 2, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             result[name] = np.where(denominator > 0, numerators[name] / denominator, np.nan)
-    logger.info("alignment: %d quotients by %s in %.2f s", len(vectors), method,
+    logger.info("alignment: %d quotients by the operator in %.2f s", len(vectors),
                 time.perf_counter() - start)  # fmt: skip
     return result
-
-
-def _from_kernel(kernel: np.ndarray, phi: np.ndarray, split: int) -> dict[str, np.ndarray]:
-    """φᵀKφ of the train, test and whole kernel for phi [k, N]."""
-    tr, te = phi[:, :split], phi[:, split:]
-    train = np.einsum("ki,ki->k", tr @ kernel[:split, :split], tr)
-    if split == kernel.shape[0]:
-        return {"all": train}
-    test = np.einsum("ki,ki->k", te @ kernel[split:, split:], te)
-    cross = np.einsum("ki,ki->k", tr @ kernel[:split, split:], te)
-    return {"train": train, "test": test, "all": train + test + 2 * cross}
 
 
 def _from_operator(
