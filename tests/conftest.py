@@ -1,7 +1,17 @@
-"""Shared test fixtures: strict NumPy rank promotion, float64 scopes, Hydra composition."""
+"""Shared test fixtures: strict NumPy rank promotion, float64 scopes, Hydra composition.
+
+The suite compiles many small XLA programs, most of them more than once (in each pytest-xdist
+worker, in subprocesses): for the session, XLA skips LLVM's expensive passes (compiling
+dominates on tiny shapes; the backend optimization level stays, as some tests run real training)
+and every compiled program goes to a persistent cache in a temporary folder shared by the
+workers and the subprocesses they start (removed at the end).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +27,35 @@ CONFIG_DIR = REPO_ROOT / "config"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+FAST_COMPILE_FLAGS = "--xla_llvm_disable_expensive_passes=true"
+CACHE_VARIABLE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's compile settings, set once by the controller and inherited by workers."""
+    if "FAST_COMPILE_FLAGS" not in os.environ.get("NTKLAB_TEST_SESSION", ""):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAGS}".strip()
+        os.environ["NTKLAB_TEST_SESSION"] = "FAST_COMPILE_FLAGS"
+    if CACHE_VARIABLE not in os.environ:
+        os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="ntklab-tests-jax-cache-")
+        config.stash[_OWN_CACHE] = os.environ[CACHE_VARIABLE]
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_VARIABLE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The controller removes the cache folder it made."""
+    folder = config.stash.get(_OWN_CACHE, None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_OWN_CACHE = pytest.StashKey[str]()
 # The default threefry generator compiles anew for every parameter shape (~0.5 s each on CPU);
 # rbg compiles once. No test depends on which generator draws the initial weights.
 jax.config.update("jax_default_prng_impl", "rbg")

@@ -38,6 +38,7 @@ __all__ = [
     "DistributedError",
     "PeerFailed",
     "Together",
+    "check_settings",
     "initialize",
     "is_writer",
     "requested",
@@ -68,6 +69,35 @@ def requested(settings: Mapping[str, Any] | None) -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+_KEYS = ("coordinator_address", "num_processes", "process_id")
+
+
+def check_settings(settings: Mapping[str, Any] | None) -> list[str]:
+    """Checks the ``distributed.*`` keys together (all three or none); starts nothing.
+
+    Returns:
+      The keys given.
+
+    Raises:
+      ConfigError: only some of the three keys are set, or ``process_id >= num_processes``.
+    """
+    settings = dict(settings or {})
+    given = [key for key in _KEYS if settings.get(key) is not None]
+    if given and len(given) < len(_KEYS):
+        missing = [f"distributed.{key}" for key in _KEYS if key not in given]
+        raise ConfigError(
+            f"distributed.{given[0]} needs {' and '.join(missing)} too: set all of "
+            "distributed.coordinator_address, num_processes and process_id (or none: one "
+            "process, or SLURM's srun)"
+        )
+    if given and settings["process_id"] >= settings["num_processes"]:
+        raise ConfigError(
+            f"distributed.process_id={settings['process_id']} is invalid: must be between 0 and "
+            f"distributed.num_processes - 1 = {settings['num_processes'] - 1}"
+        )
+    return given
+
+
 def initialize(settings: Mapping[str, Any] | None) -> bool:
     """Starts JAX's distributed runtime if ``settings`` (or SLURM) describe several processes.
 
@@ -85,22 +115,9 @@ def initialize(settings: Mapping[str, Any] | None) -> bool:
         ``timeout_s``, JAX computations already ran, or another runtime is already started).
     """
     settings = dict(settings or {})
-    keys = ("coordinator_address", "num_processes", "process_id")
-    address, num_processes, process_id = (settings.get(key) for key in keys)
+    given = check_settings(settings)
+    address, num_processes, process_id = (settings.get(key) for key in _KEYS)
     timeout_s = int(settings.get("timeout_s") or 300)
-    given = [key for key in keys if settings.get(key) is not None]
-    if given and len(given) < len(keys):
-        missing = [f"distributed.{key}" for key in keys if key not in given]
-        raise ConfigError(
-            f"distributed.{given[0]} needs {' and '.join(missing)} too: set all of "
-            "distributed.coordinator_address, num_processes and process_id (or none: one "
-            "process, or SLURM's srun)"
-        )
-    if given and process_id >= num_processes:
-        raise ConfigError(
-            f"distributed.process_id={process_id} is invalid: must be between 0 and "
-            f"distributed.num_processes - 1 = {num_processes - 1}"
-        )
     slurm = not given and _slurm_tasks() > 1
     if not slurm and (not given or num_processes == 1):
         return jax.distributed.is_initialized() and jax.process_count() > 1

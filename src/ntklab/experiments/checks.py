@@ -124,12 +124,17 @@ def _check_sweep(config: DictConfig, script: str) -> None:
             print(f"preset {name}: {line}", flush=True)
     loader = GlobalHydra.instance().config_loader()
     jobs = sweep_jobs(config)
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for override in job:
+            values.setdefault(override.split("=", 1)[0], set()).add(override)
     for number, job in enumerate(jobs):
         job_config = loader.load_sweep_config(config, list(job))
         try:
             check_job(job_config, script)
         except Exception as error:
-            _name_the_job(error, number, len(jobs), job)
+            swept = [o for o in job if len(values[o.split("=", 1)[0]]) > 1]
+            _name_the_job(error, number, len(jobs), swept)
             raise
 
 

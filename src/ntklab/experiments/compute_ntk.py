@@ -125,6 +125,7 @@ def check(cfg: DictConfig) -> Checked:
       RunFolderInUse: another process is writing the run folder.
     """
     validate(cfg)
+    distributed.check_settings(cfg.get("distributed"))
     model = build_model(**cfg.model)
     dataset = load_dataset_config(cfg.data, seed=cfg.seed)
     check_options(cfg, len(dataset.train.images) + len(dataset.test.images))

@@ -135,15 +135,8 @@ def comparison_setup(
 
 
 def check(cfg: DictConfig) -> str:
-    """Everything ``run`` checks before it writes; returns the run folder's state.
-
-    Raises:
-      ConfigError: an invalid key or value, or ``label_idx`` beyond the run's eigenvectors.
-      FileNotFoundError: the compute_ntk.py run is missing (the message gives the command).
-      ValueError: the compute_ntk.py run was made for another configuration.
-      FileExistsError: the run folder holds a run of another configuration.
-      RunFolderInUse: another process is writing the run folder.
-    """
+    """Everything ``run`` checks before it writes (those of ``train_ntk.check``); returns the run
+    folder's state."""
     return check_training(cfg, check_eigenfunctions)
 
 

@@ -303,7 +303,7 @@ def _script_summary(script: str) -> str:
         module = importlib.import_module(f"ntklab.experiments.{script}")
     except ImportError:
         return ""
-    return (module.__doc__ or "").strip().splitlines()[0].strip()
+    return (module.__doc__ or "").strip().splitlines()[0].strip().replace("``", "")
 
 
 _register()

@@ -89,15 +89,22 @@ Check = Callable[[Any], str | None]
 """``check(value) -> None`` if valid, else what is allowed (``"an integer >= 1"``)."""
 
 
-def _at_least(minimum: float, *, optional: bool = False, integer: bool = True) -> Check:
+def _at_least(
+    minimum: float, *, optional: bool = False, integer: bool = True, strict: bool = False
+) -> Check:
+    """``value >= minimum`` (``>`` with ``strict``), an integer unless ``integer=False``."""
     kind = "an integer" if integer else "a finite number"
+    relation = ">" if strict else ">="
 
     def check(value: Any) -> str | None:
         if optional and value is None:
             return None
         number_ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not number_ok or not math.isfinite(value) or value < minimum:
-            return f"{'null or ' if optional else ''}{kind} >= {minimum:g}"
+        below = (
+            number_ok and math.isfinite(value) and (value <= minimum if strict else value < minimum)
+        )
+        if isinstance(value, bool) or not number_ok or not math.isfinite(value) or below:
+            return f"{'null or ' if optional else ''}{kind} {relation} {minimum:g}"
         return None
 
     return check
@@ -174,8 +181,8 @@ RULES: dict[str, Check] = {
     "prerequisites": _one_of(lambda: ("require", "create")),
     "data.dataset": _one_of(_dataset_names),
     "data.num_train": _at_least(1, optional=True),
-    "data.num_test": _at_least(0, optional=True),
-    "data.epsilon": _at_least(0, integer=False),
+    "data.num_test": _at_least(1, optional=True),
+    "data.epsilon": _at_least(0, integer=False, strict=True),
     "data.sigma": _at_least(0, integer=False),
     "bn_statistics": _one_of(lambda: ("initial", "trained")),
     "ntk.batch_size": _at_least(1),
