@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,41 +30,17 @@ from jax.sharding import PartitionSpec as Spec
 from ntklab.ntk import _conv_factors
 from ntklab.ntk._conv_factors import ConvFactor
 from ntklab.ntk._conv_geometry import conv_config
+from ntklab.ntk._feature_block import Features
+from ntklab.ntk._host_convs import HostConv
 from ntklab.ntk._layerwise import layerwise_parts
 from ntklab.ntk._layerwise_plan import LayerwisePlan
 from ntklab.ntk._structure import DenseLayer
 from ntklab.types import ApplyFn
 
-if TYPE_CHECKING:
-    from ntklab.ntk._host_convs import HostConv
-
 AXIS = "batch"
 _PROJECTION_CHUNK = 4096  # parameters per generated slice of the random projection map
 PRODUCTS_COLUMNS = 8
 """NTK-vector products: column examples whose VJP/JVP pairs are vmapped together (memory)."""
-
-
-class Features(NamedTuple):
-    """Jacobian features of one block of examples (a pytree).
-
-    Attributes:
-      leaves: per unfactored leaf its Jacobian [B, C, P_leaf], or one projected [B, C, K].
-      inputs: per factored Dense layer its inputs a [B, d_in].
-      sensitivities: per factored Dense layer ∂f/∂y δ [B, C, d_out].
-      patches: per factored convolution its input patches [B, S, F].
-      patch_sensitivities: per factored convolution δ [B, C, S, d_out].
-      host_factors: per convolution whose gradients the host forms (``_host_convs``) its inputs
-        padded channel-major [B, d_in, *spatial_padded], sensitivities [B, C, 1, *spatial_out,
-        d_out] and bias gradients [B, C, d_out]; empty once the host has turned them into
-        leaves.
-    """
-
-    leaves: tuple[jax.Array, ...]
-    inputs: tuple[jax.Array, ...] = ()
-    sensitivities: tuple[jax.Array, ...] = ()
-    patches: tuple[jax.Array, ...] = ()
-    patch_sensitivities: tuple[jax.Array, ...] = ()
-    host_factors: tuple[tuple[jax.Array, jax.Array], ...] = ()
 
 
 def _merge(leaves: list[jax.Array], group: tuple[int, ...], values: list[jax.Array]) -> list:

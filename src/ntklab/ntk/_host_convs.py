@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from ntklab.ntk._conv_geometry import conv_config, host_conv_grads, host_conv_inputs
-from ntklab.ntk._features import Features
+from ntklab.ntk._feature_block import Features
 from ntklab.ntk._layerwise_plan import LayerwisePlan
 
 

@@ -8,19 +8,55 @@ and sensitivities δ [B, C, 1, ...] (∂f_c/∂ of its output).
 
 A convolution whose patch formula was verified (``layer.patches``) uses
 ``_conv_geometry.conv_patch_grads``; every other layer its own VJP, vmapped over examples and
-outputs. ``layer`` is a ``_layerwise_plan.Layer``.
+outputs. ``Layer`` (defined here) describes one covered layer call.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import Any
 
+import flax.linen as nn
 import jax
 
 from ntklab.ntk._conv_geometry import conv_config, conv_patch_grads
 
-if TYPE_CHECKING:
-    from ntklab.ntk._layerwise_plan import Layer
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layer:
+    """One covered layer call.
+
+    Attributes:
+      path: the module's path (as seen by method interceptors).
+      kind: ``"dense"``, ``"conv"`` or ``"batch_norm"``.
+      params: (parameter name, leaf index) per parameter of the module.
+      in_shape: per-example input shape, with the leading batch axis of one.
+      out_shape: per-example output shape, with the leading batch axis of one.
+      out_dtype: the output's dtype.
+      module: an unbound clone of the module (same attributes), for its own VJP.
+      kwargs: the call's static keyword arguments (and extra positional ones, by name).
+      patches: whether the convolution's weight gradient uses the verified patch formula.
+      host: whether the host formula (``_conv_geometry.host_conv_grads``) matched too.
+    """
+
+    path: tuple[str, ...]
+    kind: str
+    params: tuple[tuple[str, int], ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    out_dtype: Any
+    module: nn.Module
+    kwargs: tuple[tuple[str, Any], ...]
+    patches: bool = False
+    host: bool = False
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path) or "<root>"
+
+    @property
+    def leaf_indices(self) -> tuple[int, ...]:
+        return tuple(index for _, index in self.params)
 
 
 def apply_layer(layer: Layer, params: dict, others: dict, x: jax.Array) -> jax.Array:

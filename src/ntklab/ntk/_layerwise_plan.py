@@ -38,50 +38,13 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from ntklab.ntk._conv_geometry import conv_config, host_conv_grads, host_conv_inputs
-from ntklab.ntk._layer_grads import apply_layer, weight_grads
+from ntklab.ntk._layer_grads import Layer, apply_layer, weight_grads
 from ntklab.types import ApplyFn
 
 logger = logging.getLogger(__name__)
 
 _KINDS: dict[type, str] = {nn.Dense: "dense", nn.Conv: "conv", nn.BatchNorm: "batch_norm"}
 _PROBE_RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Layer:
-    """One covered layer call.
-
-    Attributes:
-      path: the module's path (as seen by method interceptors).
-      kind: ``"dense"``, ``"conv"`` or ``"batch_norm"``.
-      params: (parameter name, leaf index) per parameter of the module.
-      in_shape: per-example input shape, with the leading batch axis of one.
-      out_shape: per-example output shape, with the leading batch axis of one.
-      out_dtype: the output's dtype.
-      module: an unbound clone of the module (same attributes), for its own VJP.
-      kwargs: the call's static keyword arguments (and extra positional ones, by name).
-      patches: whether the convolution's weight gradient uses the verified patch formula.
-      host: whether the host formula (``_conv_geometry.host_conv_grads``) matched too.
-    """
-
-    path: tuple[str, ...]
-    kind: str
-    params: tuple[tuple[str, int], ...]
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    out_dtype: Any
-    module: nn.Module
-    kwargs: tuple[tuple[str, Any], ...]
-    patches: bool = False
-    host: bool = False
-
-    @property
-    def name(self) -> str:
-        return "/".join(self.path) or "<root>"
-
-    @property
-    def leaf_indices(self) -> tuple[int, ...]:
-        return tuple(index for _, index in self.params)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
