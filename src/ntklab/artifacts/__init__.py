@@ -28,6 +28,7 @@ from ntklab.artifacts._folders import (
     differences_of,
     folder_state,
     open_run,
+    restore_replaced,
 )
 from ntklab.artifacts._io import (
     CONFIG_FILE,
@@ -81,6 +82,7 @@ __all__ = [
     "load_run",
     "open_run",
     "read_finished_meta",
+    "restore_replaced",
     "save_array",
     "save_arrays",
     "save_figure",

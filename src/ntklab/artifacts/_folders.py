@@ -155,11 +155,8 @@ def _claimed(
     _sweep_temporaries(path)
     replaced = path / REPLACED_DIR
     config_path = path / CONFIG_FILE
-    if replaced.exists() and not (path / META_FILE).exists():
-        if _read_identity(replaced) == identity:  # back to the run an overwrite interrupted
-            _clear(path)
-            _move_contents(replaced, path)
-            replaced.rmdir()
+    if _restorable(path, identity):  # back to the run an interrupted overwrite moved aside
+        _restore(path)
     existing = _read_identity(path)
     _check_claim(path, identity, existing, overwrite=overwrite, foreign_files=foreign_files)
     moved_aside = False
@@ -176,9 +173,7 @@ def _claimed(
     except Exception:
         if moved_aside:
             logger.warning("the new run failed; %s holds the previous run again", path)
-            _clear(path)
-            _move_contents(replaced, path)
-            replaced.rmdir()
+            _restore(path)
         elif not _holds_results(path) and existing != identity:
             config_path.unlink(missing_ok=True)  # no stub that would refuse a corrected run
         raise
@@ -216,7 +211,8 @@ def _check_claim(
 
 FOLDER_STATES = ("absent", "empty", "unfinished", "finished", "replaced")
 """What :func:`folder_state` finds: no folder; a folder without a run; this run unfinished
-(resumable) or finished; a run of another identity that ``overwrite`` will replace."""
+(resumable) or finished (also when an interrupted overwrite kept it in ``.replaced/``: see
+:func:`restore_replaced`); a run of another identity that ``overwrite`` will replace."""
 
 
 def folder_state(
@@ -245,11 +241,61 @@ def folder_state(
             "another folder with paths.run_dir=..."
         )
     identity = json.loads(json.dumps(identity, default=_json_default))
+    if _restorable(path, identity):  # restore_replaced puts it back
+        return "finished"
     existing = _read_identity(path)
     _check_claim(path, identity, existing, overwrite=overwrite, foreign_files=foreign_files)
     if existing == identity:
         return "finished" if (path / META_FILE).is_file() else "unfinished"
     return "replaced" if existing is not None and _holds_results(path) else "empty"
+
+
+def restore_replaced(path: str | os.PathLike, identity: Mapping[str, Any]) -> bool:
+    """Puts back the finished run of ``identity`` that an interrupted overwrite kept in
+    ``.replaced/``, deleting the unfinished run that was replacing it (with the folder locked).
+
+    :func:`folder_state` calls such a folder ``"finished"``; a script that then leaves the
+    finished run as it is calls this first, so that the folder holds it again.
+
+    Returns:
+      Whether a run was put back.
+
+    Raises:
+      RunFolderInUse: another process is writing the folder.
+    """
+    path = Path(path)
+    identity = json.loads(json.dumps(identity, default=_json_default))
+    if not _restorable(path, identity):
+        return False
+    with _locked(path):
+        if not _restorable(path, identity):  # another process got there first
+            return False
+        logger.info(
+            "%s: restoring the finished run of this configuration that an interrupted overwrite "
+            "kept in %s; the unfinished run that was replacing it is deleted",
+            path,
+            REPLACED_DIR,
+        )
+        _restore(path)
+    return True
+
+
+def _restorable(path: Path, identity: Any) -> bool:
+    """Whether ``.replaced/`` holds a finished run of ``identity`` and the folder none."""
+    replaced = path / REPLACED_DIR
+    return (
+        not (path / META_FILE).exists()
+        and (replaced / META_FILE).is_file()
+        and _read_identity(replaced) == identity
+    )
+
+
+def _restore(path: Path) -> None:
+    """Replaces the folder's run files by the run kept in ``.replaced/``."""
+    replaced = path / REPLACED_DIR
+    _clear(path)
+    _move_contents(replaced, path)
+    replaced.rmdir()
 
 
 @contextlib.contextmanager

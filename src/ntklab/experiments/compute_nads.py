@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> Path:
     tic = time.perf_counter()
     run_dir = Path(cfg.paths.run_dir)
     if check(cfg) == "finished" and not cfg.overwrite:
+        artifacts.restore_replaced(run_dir, run_identity(cfg))  # after an interrupted overwrite
         logger.info("%s already holds this finished run; nothing to do", run_dir)
         point_to_run(run_dir, "compute_nads")
         return run_dir

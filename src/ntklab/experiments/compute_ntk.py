@@ -168,10 +168,12 @@ def run(cfg: DictConfig) -> Path:
     tic = time.perf_counter()
     checked = check(cfg)
     run_dir = Path(cfg.paths.run_dir)
-    if checked.folder == "finished" and not cfg.overwrite and _has_what_is_asked(cfg, run_dir):
-        logger.info("%s already holds this finished run; nothing to do", run_dir)
-        point_to_run(run_dir, "compute_ntk")
-        return run_dir
+    if checked.folder == "finished" and not cfg.overwrite:
+        artifacts.restore_replaced(run_dir, run_identity(cfg))  # after an interrupted overwrite
+        if _has_what_is_asked(cfg, run_dir):
+            logger.info("%s already holds this finished run; nothing to do", run_dir)
+            point_to_run(run_dir, "compute_ntk")
+            return run_dir
     distributed.initialize(cfg.get("distributed"))  # before any JAX computation
     timings: dict[str, float] = {"data_s": time.perf_counter() - tic}
     logger.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))

@@ -212,18 +212,24 @@ def check_finite(kernel: np.ndarray, *, rows_per_block: int = 4096) -> None:
     """Raises ValueError naming the first non-finite entry of a kernel [N, N] (read by row blocks).
 
     Raises:
-      ValueError: an entry is NaN or infinite (the message gives its row and column).
+      ValueError: an entry is NaN or infinite (the message gives how many, in how many rows,
+        and the first one's row, column and value).
     """
+    first, count, rows = None, 0, 0
     for start in range(0, len(kernel), rows_per_block):
         block = np.asarray(kernel[start : start + rows_per_block])
-        bad = np.argwhere(~np.isfinite(block))
-        if len(bad):
-            row, column = int(bad[0, 0]) + start, int(bad[0, 1])
-            raise ValueError(
-                f"the kernel has {len(bad)} non-finite entries in rows {start}.."
-                f"{start + len(block) - 1} (first at [{row}, {column}] = {block[bad[0, 0], column]}); "
-                "check the inputs and parameters for NaN/Inf"
-            )
+        bad = ~np.isfinite(block)
+        if first is None and bad.any():
+            row, column = (int(i) for i in np.argwhere(bad)[0])
+            first = (row + start, column, block[row, column])
+        count += int(bad.sum())
+        rows += int(bad.any(axis=1).sum())
+    if first is not None:
+        row, column, value = first
+        raise ValueError(
+            f"the kernel has {count} non-finite entries in {rows} row(s), the first at "
+            f"[{row}, {column}] = {value}; check the inputs and parameters for NaN/Inf"
+        )
 
 
 def use_out_of_core(setting: bool | str, num_samples: int) -> bool:

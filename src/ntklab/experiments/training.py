@@ -163,11 +163,13 @@ def open_training_run(cfg: DictConfig, script: str) -> Iterator[artifacts.RunFol
 def finished_already(cfg: DictConfig, state: str, script: str) -> Path | None:
     """The run folder when it already holds this finished run (logged), else None.
 
-    ``overwrite=true`` computes a finished run again.
+    ``overwrite=true`` computes a finished run again. A finished run that an interrupted overwrite
+    kept in ``.replaced/`` is put back first.
     """
     if state != "finished" or cfg.overwrite:
         return None
     run_dir = Path(cfg.paths.run_dir)
+    artifacts.restore_replaced(run_dir, run_identity(cfg))  # after an interrupted overwrite
     logger.info("%s already holds this finished run; nothing to do", run_dir)
     point_to_run(run_dir, script)
     return run_dir

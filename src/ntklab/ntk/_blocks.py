@@ -29,7 +29,7 @@ from ntklab import threads
 from ntklab.ntk import _problem, _schedule, _units
 from ntklab.ntk._api import IMPLEMENTATIONS, Implementation, check_choice, check_positive_int
 from ntklab.ntk._layer_names import layer_names
-from ntklab.ntk._store import _to_host
+from ntklab.ntk._store import _to_host, non_finite_block_message
 from ntklab.progress import progress_bar
 from ntklab.types import ApplyFn, PyTree
 
@@ -161,11 +161,7 @@ def _block(plan: _schedule.Plan, row: int, column: int, value, by_layer: bool) -
     rows, cols = plan.row_slices[row], plan.col_slices[column]
     values = _to_host(value)[..., : rows.stop - rows.start, : cols.stop - cols.start]
     if not np.all(np.isfinite(values)):
-        raise ValueError(
-            f"kernel block rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} has "
-            f"non-finite values ({np.sum(~np.isfinite(values))} of {values.size}); check the "
-            "model parameters and inputs"
-        )
+        raise ValueError(non_finite_block_message(values, rows, cols))
     if by_layer:
         return KernelBlock(rows, cols, values.sum(axis=0), values)
     return KernelBlock(rows, cols, values, None)

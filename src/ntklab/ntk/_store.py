@@ -337,11 +337,7 @@ class KernelStore:
             rows = plan.row_slices[i]
             values = _to_host(block)[: rows.stop - rows.start, : cols.stop - cols.start]
             if not np.all(np.isfinite(values)):
-                raise ValueError(
-                    f"kernel block rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} "
-                    f"has non-finite values ({np.sum(~np.isfinite(values))} of {values.size}); "
-                    "check the model parameters and inputs"
-                )
+                raise ValueError(non_finite_block_message(values, rows, cols))
             stored = values.astype(self.storage_dtype)
             if not np.all(np.isfinite(stored)):
                 raise ValueError(
@@ -414,3 +410,25 @@ def _to_host(array: jax.Array | np.ndarray) -> np.ndarray:
     if isinstance(array, np.ndarray) or array.is_fully_addressable:
         return np.asarray(array)
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def non_finite_block_message(values: np.ndarray, rows: slice, cols: slice) -> str:
+    """Names what is non-finite in a kernel block [..., r, c] of ``rows`` x ``cols``: how many
+    values, the first entry (kernel indices), and the examples whose every entry is non-finite
+    (what one non-finite input gives: its row and its column)."""
+    bad = ~np.isfinite(values)
+    mask = bad.reshape(-1, *bad.shape[-2:]).any(axis=0)  # [r, c]; any layer, with by_layer
+    row, col = (int(i) for i in np.argwhere(mask)[0])
+    message = (
+        f"kernel block rows {rows.start}:{rows.stop}, cols {cols.start}:{cols.stop} has "
+        f"non-finite values ({int(bad.sum())} of {values.size}), the first at "
+        f"[{rows.start + row}, {cols.start + col}]"
+    )
+    whole = sorted(
+        {rows.start + int(i) for i in np.flatnonzero(mask.all(axis=1))}
+        | {cols.start + int(j) for j in np.flatnonzero(mask.all(axis=0))}
+    )
+    if whole and not mask.all():
+        shown = ", ".join(str(i) for i in whole[:8]) + (", ..." if len(whole) > 8 else "")
+        return f"{message}; every entry of example(s) {shown} is non-finite: check their inputs"
+    return f"{message}; check the model parameters and inputs"
