@@ -112,13 +112,7 @@ def conv_patches(config: dict, a: jax.Array) -> jax.Array:
     """
     b, d_in, groups = a.shape[0], a.shape[-1], config["groups"]
     spatial_in = a.shape[2:-1]
-    a = jnp.moveaxis(a[:, 0], -1, 1)  # [B, d_in, *spatial_in]
-    pads = [(0, 0), (0, 0), *config["pads"]]
-    if any(p != (0, 0) for p in pads):
-        if config["mode"] == "constant":
-            a = jax.lax.pad(a, jnp.zeros((), a.dtype), [(lo, hi, 0) for lo, hi in pads])
-        else:
-            a = jnp.pad(a, pads, mode=config["mode"])
+    a = host_conv_inputs(config, a)  # [B, d_in, *spatial_padded]
     spatial_out = conv_output_spatial(config, spatial_in)
     slices = []
     for offset in itertools.product(*(range(k) for k in config["kernel_size"])):
@@ -163,7 +157,7 @@ def conv_patch_grads(
 
 
 def host_conv_inputs(config: dict, a: jax.Array) -> jax.Array:
-    """A convolution's inputs as :func:`host_conv_grads` reads them (traced, XLA).
+    """A convolution's inputs as :func:`host_conv_grads` and :func:`conv_patches` read them (XLA).
 
     Args:
       config: from :func:`conv_config`.
