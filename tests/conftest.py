@@ -56,6 +56,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _OWN_CACHE = pytest.StashKey[str]()
+
+# The longest modules run first. pytest-xdist's worksteal scheduler hands each worker a contiguous
+# share of the collection, and an idle worker steals from the end of the other's share: a module of
+# minute-long tests at the end of a share would leave one core working alone at the end.
+LONGEST_FIRST = ("test_multidevice.py", "test_multiprocess.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Moves the modules of LONGEST_FIRST to the front, in that order (the same order in every
+    worker, as xdist requires; the order inside a module is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 # The default threefry generator compiles anew for every parameter shape (~0.5 s each on CPU);
 # rbg compiles once. No test depends on which generator draws the initial weights.
 jax.config.update("jax_default_prng_impl", "rbg")

@@ -18,7 +18,10 @@ import signal
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+# The test session's compile flags (tests/conftest.py), then the 2 forced devices.
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax

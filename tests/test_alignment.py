@@ -48,7 +48,7 @@ def _problem(name: str, shape=(8, 8, 1)):
 
 def _explicit_kernels(apply_fn, params, x) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The trace kernel [N, N] and each layer's, from jacrev of all outputs (brute force)."""
-    jacobians = jax.jacrev(lambda p: apply_fn(p, jnp.asarray(x)))(params)  # leaves [N, C, ...]
+    jacobians = jax.jit(jax.jacrev(apply_fn))(params, jnp.asarray(x))  # leaves [N, C, ...]
     per_layer: dict[str, np.ndarray] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(jacobians)[0]:
         keys = [str(getattr(k, "key", k)) for k in path]

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ntk_operator import run_on_four_devices
 
 import ntklab.eigen._stored
 from ntklab.eigen import (
@@ -481,34 +480,6 @@ def test_nystrom_bad_arguments(networks):
         nystrom_eigenpairs(apply_fn, params, x, 2, num_landmarks=5, implementation="products")
 
 
-FOUR_DEVICES = """
-from test_eigen import NETWORKS, build_model, inference_apply_fn, init_variables
-from ntklab.eigen import matrix_free_eigenpairs
-from ntklab.ntk import empirical_ntk
-_, kwargs, shape = NETWORKS["mlp"]
-model = build_model("mlp", activation="gelu", **kwargs)
-variables = init_variables(model, jax.random.PRNGKey(0), shape)
-apply_fn = inference_apply_fn(model, variables)
-params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-x = np.random.default_rng(6).standard_normal((30, *shape))  # blocks of 8: 4 rows padded
-values, vectors = np.linalg.eigh(empirical_ntk(apply_fn, params, x, devices=jax.devices()[:1]))
-for implementation in ("structured", "ntk_vector_products"):
-    pairs = {
-        count: matrix_free_eigenpairs(
-            apply_fn, params, x, 4, batch_size=8, oversampling=4, implementation=implementation,
-            devices=jax.devices()[:count],
-        )
-        for count in (1, 4)
-    }
-    one, four = pairs[1], pairs[4]
-    np.testing.assert_allclose(four.values, one.values, rtol=1e-12)
-    np.testing.assert_allclose(four.values, values[::-1][:4], rtol=1e-9)
-    np.testing.assert_allclose(np.abs(four.vectors.T @ one.vectors), np.eye(4), atol=1e-8)
-    np.testing.assert_allclose(four.vectors, one.vectors, atol=1e-8)  # same signs
-    assert four.max_residual < 1e-9 and one.max_residual < 1e-9
-print("SHARDED-OK")
-"""
-
-
-def test_matrix_free_on_four_devices_equals_one_device(tmp_path):
-    run_on_four_devices(FOUR_DEVICES, tmp_path)
+# The sharded matrix-free check on 4 devices is
+# eigen_matrix_free_on_four_devices_equals_one_device in tests/multidevice_checks.py (one shared
+# 4-device subprocess for the whole suite, run by tests/test_multidevice.py).

@@ -47,6 +47,8 @@ def start(
 ) -> list[subprocess.Popen]:
     """Starts one process per command, in ``out_dir``; output to ``out_dir/<name>_<i>.log``."""
     env = {**os.environ, "PYTHONPATH": str(WORKER.parent), **(env or {})}
+    if "XLA_FLAGS" in os.environ:  # the test session's compile flags (tests/conftest.py) too
+        env["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {env['XLA_FLAGS']}"
     processes = []
     for i, command in enumerate(commands):
         log_path = out_dir / f"{name}_{i}.log"

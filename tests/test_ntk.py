@@ -239,7 +239,7 @@ def test_structured_with_a_shared_dense_layer_is_not_factored(float64):
 
     model = Shared()
     x = np.random.default_rng(3).standard_normal((5, 2, 2, 1))
-    params = as_float64(model.init(jax.random.PRNGKey(0), x)["params"])
+    params = as_float64(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
 
     def apply_fn(p, inputs):
         return model.apply({"params": p}, inputs)
@@ -356,6 +356,9 @@ from ntklab.ntk import empirical_ntk
 apply_fn, params, shape = network("lenet")
 x = np.random.default_rng(14).standard_normal((10, *shape)).astype(np.float32)
 kill_at = int(sys.argv[1])
+if len(sys.argv) > 4:  # first an uninterrupted out-of-core run of its own, in this process
+    fresh = empirical_ntk(apply_fn, params, x, out=sys.argv[4], batch_size=2)
+    np.save(sys.argv[5], np.asarray(fresh))
 def hook(done):
     if done == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -365,21 +368,23 @@ np.save(sys.argv[3], np.asarray(kernel))
 
 
 def test_resume_after_sigkill(tmp_path):
+    """Killed (SIGKILL) after 4 units, resumed by another process. The killed process first made
+    an uninterrupted out-of-core kernel on its own file, the reference for the resumed one (it
+    used to take a third process; any other process than the resuming one is as good)."""
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
     out, final = tmp_path / "kernel.npy", tmp_path / "final.npy"
-    killed = subprocess.run([sys.executable, script, "4", out, final], capture_output=True)
-    assert killed.returncode == -signal.SIGKILL and not final.exists()
+    fresh_out, fresh_final = tmp_path / "fresh.npy", tmp_path / "fresh_final.npy"
+    killed = subprocess.run(
+        [sys.executable, script, "4", out, final, fresh_out, fresh_final], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL and not final.exists(), killed.stderr[-2000:]
+    assert fresh_final.exists() and out.exists()
     resumed = subprocess.run([sys.executable, script, "-1", out, final], capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     # Bit for bit what an uninterrupted out-of-core run gives, and to float32 rounding the
     # in-memory kernel (another process may pick other XLA kernels, so not bit for bit).
-    fresh = subprocess.run(
-        [sys.executable, script, "-1", tmp_path / "fresh.npy", tmp_path / "fresh_final.npy"],
-        capture_output=True,
-    )
-    assert fresh.returncode == 0, fresh.stderr.decode()[-2000:]
-    np.testing.assert_array_equal(np.load(final), np.load(tmp_path / "fresh_final.npy"))
+    np.testing.assert_array_equal(np.load(final), np.load(fresh_final))
     apply_fn, params, shape = network("lenet")
     x = np.random.default_rng(14).standard_normal((10, *shape)).astype(np.float32)
     np.testing.assert_allclose(
@@ -387,41 +392,9 @@ def test_resume_after_sigkill(tmp_path):
     )
 
 
-SHARDED_SCRIPT = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax, numpy as np
-jax.config.update("jax_enable_x64", True)
-sys.path.insert(0, {tests!r})
-from test_ntk import network, as_float64, multi_output_network
-from ntklab.ntk import empirical_ntk
-assert len(jax.devices()) == 4, jax.devices()
-rng = np.random.default_rng(15)
-for name in ("mlp", "lenet"):
-    apply_fn, params, shape = network(name)
-    params = as_float64(params)
-    x = rng.standard_normal((7, *shape))
-    for x2 in (None, x[:5]):
-        one = empirical_ntk(apply_fn, params, x, x2, batch_size=3, devices=jax.devices()[:1])
-        four = empirical_ntk(apply_fn, params, x, x2, batch_size=3)
-        np.testing.assert_allclose(four, one, rtol=1e-12, atol=1e-12 * np.abs(one).max())
-apply_fn, params, shape = multi_output_network("mlp", 3)
-x = rng.standard_normal((6, *shape))
-for implementation in ("jacobian", "ntk_vector_products"):
-    one = empirical_ntk(apply_fn, params, x, output="full", implementation=implementation,
-                        devices=jax.devices()[:1], batch_size=3)
-    four = empirical_ntk(apply_fn, params, x, output="full", implementation=implementation,
-                         batch_size=3)
-    np.testing.assert_allclose(four, one, rtol=1e-12, atol=1e-12 * np.abs(one).max())
-print("SHARDED-OK")
-"""
-
-
-def test_four_devices_give_the_single_device_kernel(tmp_path):
-    script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_SCRIPT.format(tests=str(Path(__file__).parent)))
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+# The sharded-kernel check on 4 devices is ntk_four_devices_give_the_single_device_kernel in
+# tests/multidevice_checks.py (one shared 4-device subprocess for the whole suite, run by
+# tests/test_multidevice.py).
 
 
 @pytest.mark.slow

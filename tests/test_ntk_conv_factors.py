@@ -9,9 +9,6 @@ both contraction paths (NumPy on one CPU device, XLA on two), parameter chunking
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -70,13 +67,19 @@ class Grouped(nn.Module):
 
 
 def brute_force(apply_fn, params, x) -> np.ndarray:
-    """Θ [N, N, C, C] from the full Jacobian of all outputs by ``jax.jacrev``."""
-    out = apply_fn(params, x)
-    jac = jax.jacrev(lambda p: apply_fn(p, x))(params)
-    flat = jnp.concatenate(
-        [leaf.reshape(x.shape[0], out.shape[1], -1) for leaf in jax.tree.leaves(jac)], axis=2
-    )
-    return np.asarray(jnp.einsum("icp,jdp->ijcd", flat, flat))
+    """Θ [N, N, C, C] from the full Jacobian of all outputs by ``jax.jacrev`` (one jitted program:
+    op-by-op it compiles every primitive on its own, several times slower)."""
+
+    @jax.jit
+    def kernel(params, x):
+        out = apply_fn(params, x)
+        jac = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        flat = jnp.concatenate(
+            [leaf.reshape(x.shape[0], out.shape[1], -1) for leaf in jax.tree.leaves(jac)], axis=2
+        )
+        return jnp.einsum("icp,jdp->ijcd", flat, flat)
+
+    return np.asarray(kernel(params, x))
 
 
 def reduce(full: np.ndarray, output: str) -> np.ndarray:
@@ -85,7 +88,7 @@ def reduce(full: np.ndarray, output: str) -> np.ndarray:
 
 
 def network(module: nn.Module, x: jax.Array):
-    params = module.init(jax.random.PRNGKey(0), x[:1])["params"]
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])["params"]  # jitted: one compile
     params = jax.tree.map(lambda a: a.astype(x.dtype), params)
     return (lambda p, xs: module.apply({"params": p}, xs)), params
 
@@ -121,44 +124,9 @@ def test_factored_convolutions_equal_jacrev(chain, factor_everything, float64, c
     assert_kernel(kernel, reduce(brute_force(apply_fn, params, x), output), 1e-10)
 
 
-TWO_DEVICES_SCRIPT = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-import jax, numpy as np
-jax.config.update("jax_enable_x64", True)
-sys.path.insert(0, {tests!r})
-from test_ntk_conv_factors import CHAINS, ConvChain, brute_force, network, reduce
-from ntklab.ntk import _conv_factors, _problem, _schedule, empirical_ntk
-_conv_factors.FACTOR_MAX_RATIO = float("inf")
-_schedule.LAYERWISE_MIN_CONV_FRACTION = 0.0
-assert len(jax.devices()) == 2, jax.devices()
-x = jax.random.normal(jax.random.PRNGKey(1), (5, 9, 8, 3), np.float64)
-for chain in sorted(CHAINS)[:1]:
-    apply_fn, params = network(ConvChain(CHAINS[chain], num_outputs=3), x)
-    full = brute_force(apply_fn, params, x)
-    for output in ("trace", "full"):  # "diagonal" is contracted by XLA on one device too
-        plan = _schedule.choose_plan(
-            _problem.make_problem(apply_fn, params, x, x, symmetric=True, output=output,
-                                   precision="float32", projection_dim=None,
-                                   projection="rademacher", projection_seed=0,
-                                   devices=tuple(jax.devices())),
-            "structured", batch_size=2, memory_bytes=None, param_chunk_size=None)
-        assert len(plan.convs) == len(CHAINS[chain]), plan.convs
-        kernel = empirical_ntk(apply_fn, params, x, output=output, implementation="structured",
-                               batch_size=2)
-        expected = reduce(full, output)
-        np.testing.assert_allclose(kernel, expected, rtol=1e-10,
-                                   atol=1e-10 * np.abs(expected).max())
-print("TWO-DEVICES-OK")
-"""
-
-
-def test_two_devices_contract_factors_with_xla(tmp_path):
-    """Sharded over two forced CPU devices the blocks are contracted by XLA (``conv_block``)."""
-    script = tmp_path / "two_devices.py"
-    script.write_text(TWO_DEVICES_SCRIPT.format(tests=str(Path(__file__).parent)))
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "TWO-DEVICES-OK" in result.stdout, result.stderr[-3000:]
+# The XLA-contraction (conv_block) check on 2 devices is
+# conv_factors_two_devices_contract_factors_with_xla in tests/multidevice_checks.py (one shared
+# 4-device subprocess for the whole suite, run by tests/test_multidevice.py).
 
 
 def test_resnet_float32_matches_to_rounding(factor_everything, caplog):

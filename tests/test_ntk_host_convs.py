@@ -36,7 +36,7 @@ def test_host_formula_equals_the_layers_own_vjp(name, float64):
     module = nn.Conv(features=4, **options)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((3, 1, *shape))
-    params = module.init(jax.random.PRNGKey(0), jnp.asarray(a[0]))["params"]
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(a[0]))["params"]
     params = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), params)
     out_shape = jax.eval_shape(lambda x: module.apply({"params": params}, x), a[0]).shape
     delta = rng.standard_normal((3, 2, *out_shape))  # [B, C, 1, *spatial_out, d_out]
@@ -86,16 +86,23 @@ class AdversarialConvs(nn.Module):
 
 
 def brute_force_full(apply_fn, params, x) -> np.ndarray:
-    tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
-    jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in jax.tree.leaves(tree)], 2)
-    return np.asarray(jnp.einsum("icp,jdp->ijcd", jac, jac))
+    """Θ[i, j, c, d] from jax.jacrev of the batched outputs (one jitted program)."""
+
+    @jax.jit
+    def kernel(params, x):
+        tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        leaves = jax.tree.leaves(tree)
+        jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], 2)
+        return jnp.einsum("icp,jdp->ijcd", jac, jac)
+
+    return np.asarray(kernel(params, x))
 
 
 @pytest.mark.parametrize("module", [SmallConvs, AdversarialConvs], ids=["small", "adversarial"])
 def test_engine_with_host_convolutions_equals_brute_force(module, caplog, float64):
     model = module()
     x = np.random.default_rng(1).standard_normal((5, 6, 6, 2))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))["params"]
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
 
     def apply_fn(p, xb):
@@ -121,7 +128,7 @@ def test_engine_with_host_convolutions_equals_brute_force(module, caplog, float6
 def test_switched_off_with_the_layerwise_jacobians(monkeypatch, caplog):
     model = SmallConvs()
     x = np.random.default_rng(1).standard_normal((4, 6, 6, 2)).astype(np.float32)
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))["params"]
 
     def apply_fn(p, xb):
         return model.apply({"params": p}, xb)

@@ -3,10 +3,6 @@ against brute-force jax.jacrev kernels restricted to each layer's parameters."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +26,9 @@ def make_model(name: str):
     """(apply_fn, float64 params) of a registry model or an adversarial model."""
     if name in ADVERSARIAL:
         model = ADVERSARIAL[name]()
-        params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, *ADVERSARIAL_SHAPE)))["params"]
+        params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, *ADVERSARIAL_SHAPE)))[
+            "params"
+        ]
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
         return (lambda p, x: model.apply({"params": p}, x)), params, ADVERSARIAL_SHAPE
     kwargs, shape = REGISTRY[name]
@@ -47,7 +45,7 @@ def make_model(name: str):
 
 def per_layer_brute_force(apply_fn, params, x) -> np.ndarray:
     """[L, N, N]: Σ_c J_ic J_jc over each layer's leaves (jax.jacrev of the batched outputs)."""
-    tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
+    tree = jax.jit(jax.jacrev(lambda p, x: apply_fn(p, x)))(params, x)  # one compiled program
     paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     names = layer_names(params)
     kernels = np.zeros((len(names), len(x), len(x)))
@@ -183,35 +181,6 @@ def test_layer_names():
     assert layer_names(params) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1", "Dense_2"]
 
 
-TWO_DEVICES = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-import jax, numpy as np
-jax.config.update("jax_enable_x64", True)
-sys.path.insert(0, {tests!r})
-from test_ntk_layers import assemble, make_model
-from ntklab.ntk import kernel_blocks, layer_names
-assert len(jax.devices()) == 2, jax.devices()
-for name in ("mlp", "lenet"):
-    apply_fn, params, shape = make_model(name)
-    x = np.random.default_rng(5).standard_normal((5, *shape))
-    kernels = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        parts = list(kernel_blocks(apply_fn, params, x, by_layer=True, batch_size=2,
-                                   devices=devices))
-        kernels.append(assemble(parts, len(x), len(layer_names(params))))
-    (one, one_layers), (two, two_layers) = kernels
-    scale = np.abs(one).max()
-    np.testing.assert_allclose(two_layers, one_layers, rtol=1e-12, atol=1e-12 * scale)
-    np.testing.assert_allclose(two, one, rtol=1e-12, atol=1e-12 * scale)
-print("TWO-DEVICES-OK")
-"""
-
-
-def test_two_devices_give_the_single_device_layers(tmp_path):
-    script = tmp_path / "two_devices.py"
-    script.write_text(TWO_DEVICES.format(tests=str(Path(__file__).parent)))
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert "TWO-DEVICES-OK" in result.stdout, result.stderr[-3000:]
+# The per-layer blocks check on 2 devices is layers_two_devices_give_the_single_device_layers in
+# tests/multidevice_checks.py (one shared 4-device subprocess for the whole suite, run by
+# tests/test_multidevice.py).

@@ -37,7 +37,9 @@ def reference_jacobians(apply_fn, params, x, group=None) -> list[np.ndarray]:
             merged[index] = group_leaves[position]
         return apply_fn(jax.tree.unflatten(treedef, merged), example[None])[0]
 
-    jacobians = jax.vmap(jax.jacrev(outputs), in_axes=(None, 0))([leaves[i] for i in group], x)
+    jacobians = jax.jit(jax.vmap(jax.jacrev(outputs), in_axes=(None, 0)))(  # one compile
+        [leaves[i] for i in group], x
+    )
     c = jacobians[0].shape[1]
     return [np.asarray(j).reshape(len(x), c, -1) for j in jacobians]
 
@@ -82,7 +84,7 @@ def registry_network(name, num_outputs=1):
 
 
 def flax_network(module, x, *, mutable_stats=False):
-    variables = perturbed(module.init(jax.random.PRNGKey(0), x[:1]))
+    variables = perturbed(jax.jit(module.init)(jax.random.PRNGKey(0), x[:1]))
     stats = variables.get("batch_stats")
 
     def apply_fn(params, xb):

@@ -36,15 +36,21 @@ class ConvNet(nn.Module):
 
 
 def brute_force(apply_fn, params, x):
-    jac = jax.jacrev(lambda p: apply_fn(p, x))(params)
-    flat = jnp.concatenate(
-        [
-            leaf.reshape(x.shape[0], apply_fn(params, x).shape[1], -1)
-            for leaf in jax.tree.leaves(jac)
-        ],
-        axis=2,
-    )
-    return np.asarray(jnp.einsum("icp,jdp->ijcd", flat, flat))
+    """Θ[i, j, c, d] from jax.jacrev of the batched outputs (one jitted program)."""
+
+    @jax.jit
+    def kernel(params, x):
+        jac = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        flat = jnp.concatenate(
+            [
+                leaf.reshape(x.shape[0], apply_fn(params, x).shape[1], -1)
+                for leaf in jax.tree.leaves(jac)
+            ],
+            axis=2,
+        )
+        return jnp.einsum("icp,jdp->ijcd", flat, flat)
+
+    return np.asarray(kernel(params, x))
 
 
 def tiny_resnet():
@@ -55,7 +61,7 @@ def tiny_resnet():
 
 def conv_net():
     model = ConvNet()
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
     return (lambda p, x: model.apply({"params": p}, x)), params
 
 

@@ -3,10 +3,6 @@ implementation, on 1 and on 4 forced CPU devices."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +26,15 @@ def model(name: str = "mlp"):
 
 def dense_operators(apply_fn, params, x) -> dict[str, np.ndarray]:
     """The kernel as a matrix in each output mode's vector layout (row i·C + c)."""
-    tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
-    jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in jax.tree.leaves(tree)], 2)
-    full = np.asarray(jnp.einsum("icp,jdp->ijcd", jac, jac))
+
+    @jax.jit
+    def kernel(params, x):
+        tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        leaves = jax.tree.leaves(tree)
+        jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], 2)
+        return jnp.einsum("icp,jdp->ijcd", jac, jac)
+
+    full = np.asarray(kernel(params, x))
     n, c = full.shape[0], full.shape[2]
     diagonal = np.zeros((n * c, n * c))
     for k in range(c):
@@ -103,45 +105,6 @@ def test_bad_arguments_are_rejected():
         operator.matmat(np.zeros((4, 2)))
 
 
-FOUR_DEVICE_PREAMBLE = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax, numpy as np
-jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_default_prng_impl", "rbg")
-jax.config.update("jax_numpy_rank_promotion", "raise")
-sys.path.insert(0, {tests!r})
-assert len(jax.devices()) == 4, jax.devices()
-"""
-
-
-def run_on_four_devices(body: str, tmp_path: Path) -> None:
-    """Runs ``body`` in a fresh Python with 4 forced CPU devices and float64 (the device count is
-    fixed when JAX starts); ``body`` can import the test modules and must print SHARDED-OK."""
-    script = tmp_path / "four_devices.py"
-    script.write_text(FOUR_DEVICE_PREAMBLE.format(tests=str(Path(__file__).parent)) + body)
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stderr[-3000:]
-
-
-SHARDED_SCRIPT = """
-from test_ntk_operator import model, dense_operators
-from ntklab.ntk import KernelOperator
-apply_fn, params, shape = model()
-x = np.random.default_rng(4).standard_normal((9, *shape))
-dense = dense_operators(apply_fn, params, x)
-for output in ("trace", "full"):
-    v = np.random.default_rng(5).standard_normal((dense[output].shape[0], 3))
-    for implementation in ("jacobian", "structured", "ntk_vector_products"):
-        four = KernelOperator(apply_fn, params, x, output=output, implementation=implementation,
-                              batch_size=4).matmat(v)
-        one = KernelOperator(apply_fn, params, x, output=output, implementation=implementation,
-                             batch_size=4, devices=jax.devices()[:1]).matmat(v)
-        np.testing.assert_allclose(four, dense[output] @ v, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(four, one, rtol=1e-12, atol=1e-12)
-print("SHARDED-OK")
-"""
-
-
-def test_four_devices_give_the_dense_product(tmp_path):
-    run_on_four_devices(SHARDED_SCRIPT, tmp_path)
+# The sharded-operator check on 4 devices is operator_four_devices_give_the_dense_product in
+# tests/multidevice_checks.py (one shared 4-device subprocess for the whole suite, run by
+# tests/test_multidevice.py).

@@ -159,41 +159,9 @@ def test_other_memory_layout_resumes_to_the_same_kernel(setup, tmp_path, options
     assert record(out)["complete"]
 
 
-DEVICES_SCRIPT = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax, numpy as np
-jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_default_prng_impl", "rbg")
-sys.path.insert(0, {tests!r})
-from test_ntk_store import model, SHAPE
-from ntklab.ntk import empirical_ntk
-apply_fn, params = model()
-params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-x = np.random.default_rng(1).standard_normal((10, *SHAPE))
-reference = empirical_ntk(apply_fn, params, x, batch_size=4, devices=jax.devices()[:1])
-out = sys.argv[1]
-class Stop(Exception):
-    pass
-def hook(done):
-    if done == 3:
-        raise Stop
-try:
-    empirical_ntk(apply_fn, params, x, out=out, batch_size=4, _after_unit=hook)  # 4 devices
-except Stop:
-    pass
-kernel = empirical_ntk(apply_fn, params, x, out=out, batch_size=2, devices=jax.devices()[:1])
-np.testing.assert_allclose(np.asarray(kernel), reference, rtol=1e-12, atol=1e-12)
-print("RESUMED-OK")
-"""
-
-
-def test_other_device_count_resumes_to_the_same_kernel(tmp_path):
-    script = tmp_path / "devices.py"
-    script.write_text(DEVICES_SCRIPT.format(tests=str(TESTS)))
-    result = subprocess.run([sys.executable, script, tmp_path / "k.npy"], capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0 and "RESUMED-OK" in result.stdout, result.stderr[-3000:]
+# The resume-on-another-device-count check on 4 devices is
+# store_other_device_count_resumes_to_the_same_kernel in tests/multidevice_checks.py (one shared
+# 4-device subprocess for the whole suite, run by tests/test_multidevice.py).
 
 
 def test_full_disk_is_refused_before_writing(setup, tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def make_model(name: str):
         return apply_fn, jax.tree.map(jnp.asarray, params), shape, None
     if name in ADVERSARIAL:
         model, shape = ADVERSARIAL[name](), ADVERSARIAL_SHAPE
-        params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, *shape)))["params"]
+        params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, *shape)))["params"]
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
 
         def apply_fn(p, x):
@@ -147,10 +147,16 @@ ALL_MODELS = [*model_names(), *ADVERSARIAL, "plain_jnp"]
 
 
 def brute_force_full(apply_fn, params, x) -> np.ndarray:
-    """Θ[i, j, c, d] from jax.jacrev of the batched outputs [N, C, P]."""
-    tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
-    jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in jax.tree.leaves(tree)], 2)
-    return np.asarray(jnp.einsum("icp,jdp->ijcd", jac, jac))
+    """Θ[i, j, c, d] from jax.jacrev of the batched outputs [N, C, P] (one jitted program)."""
+
+    @jax.jit
+    def kernel(params, x):
+        tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        leaves = jax.tree.leaves(tree)
+        jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], 2)
+        return jnp.einsum("icp,jdp->ijcd", jac, jac)
+
+    return np.asarray(kernel(params, x))
 
 
 REDUCE = {
