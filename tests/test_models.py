@@ -462,3 +462,23 @@ def test_train_apply_batchnorm_model_needs_batch_stats(tiny_resnet):
     model, variables = tiny_resnet
     with pytest.raises(flax.errors.ScopeCollectionNotFound):
         train_apply_fn(model)(variables["params"], {}, _images(10, 2))
+
+
+def test_init_variables_equals_eager_init_and_survives_value_dependent_python():
+    """init_variables compiles ``model.init`` as one program: the values equal the eager init's;
+    a module branching in Python on its input's values falls back to the eager init."""
+    model = build_model("lenet")
+    key = jax.random.PRNGKey(7)
+    eager = model.init(key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    compiled = init_variables(model, key, (32, 32, 3))
+    for got, want in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager["params"]), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    class Branching(flax.linen.Module):
+        @flax.linen.compact
+        def __call__(self, x, train: bool = False):
+            scale = 2.0 if float(x.sum()) >= 0 else 1.0  # needs a concrete value
+            return flax.linen.Dense(1)(x.reshape((x.shape[0], -1))) * scale
+
+    variables = init_variables(Branching(), key, (4, 4, 1))
+    assert variables["params"]["Dense_0"]["kernel"].shape == (16, 1)

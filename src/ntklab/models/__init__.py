@@ -167,11 +167,30 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int])
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise ValueError(f"input_shape must be [H, W, C] positive integers, got {input_shape}")
-    variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    try:
+        variables = _compiled_init(model, input_shape)(key)
+    except jax.errors.ConcretizationTypeError:  # Python control flow on values: run eagerly
+        variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
     out = {"params": variables["params"]}
     if variables.get("batch_stats"):
         out["batch_stats"] = variables["batch_stats"]
     return out
+
+
+_COMPILED_INITS: dict[tuple[type, str, tuple[int, ...]], Callable] = {}
+
+
+def _compiled_init(model: nn.Module, input_shape: tuple[int, ...]) -> Callable:
+    """``model.init`` on one zero image as one compiled program, cached per model and shape.
+
+    Run eagerly, ``init`` dispatches (and on first use compiles) every operation on its own:
+    seconds for LeNet or ResNet-18, against one compilation here; the values are identical.
+    """
+    cache_key = (type(model), repr(model), input_shape)
+    if cache_key not in _COMPILED_INITS:
+        zeros = jnp.zeros((1, *input_shape), jnp.float32)
+        _COMPILED_INITS[cache_key] = jax.jit(lambda key: model.init(key, zeros, train=False))
+    return _COMPILED_INITS[cache_key]
 
 
 def inference_apply_fn(model: nn.Module, variables: dict) -> ApplyFn:
