@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, compose_config
+
+from ntklab.experiments import compute_ntk
 
 COMMON = ["model=mlp", "model.widths=[8]", "data.num_train=20", "data.num_test=10"]
 
@@ -27,8 +29,7 @@ def test_the_same_command_twice_lands_in_the_same_folder_and_skips_the_finished_
         logs = sorted((tmp_path / "artifacts" / "logs" / "train_ntk").glob("*/run.json"))
         return Path(json.loads(logs[-1].read_text())["run_dir"])
 
-    made = run("compute_ntk.py", "ntk.num_eigvecs=3")
-    assert made.returncode == 0, made.stderr[-2000:]
+    compute_ntk.run(compose_config("compute_ntk", [*COMMON, artifacts, "ntk.num_eigvecs=3"]))
     train = ("label_idx=1", "train.epochs=2", "train.batch_size=10", "alignment.enabled=false")
     first = run("train_ntk.py", *train)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -69,8 +69,9 @@ def _alignment_seconds(cfg: DictConfig, script: str) -> float:
     _, num_train, num_test = data_sizes(cfg)
     epochs, every = int(cfg.train.epochs), cfg.alignment.every
     count = 1 if every is None else len({*range(every, epochs + 1, every), epochs})
-    kernel = _kernel_seconds(cfg, num_train + num_test, batch_size=cfg.alignment.batch_size)
-    return count * kernel
+    batch_size = cfg.alignment.batch_size
+    kernel = _kernel_seconds(cfg, num_train + num_test, batch_size=batch_size)
+    return _kernel_compile_seconds(cfg, batch_size) + count * kernel
 
 
 def _prerequisites(config: DictConfig, jobs: list[list[str]], script: str) -> tuple[float, list]:
@@ -113,23 +114,37 @@ def _needed_eigvecs(config: DictConfig, jobs: list[list[str]]) -> int:
 
 KERNEL_PROBES = (256, 1024)
 """Kernel sizes timed to estimate an N-example kernel as a + b·N² (fixed cost + entries)."""
-_KERNEL_FITS: dict[str, tuple[float, float]] = {}
+_KERNEL_FITS: dict[str, tuple[float, float, float]] = {}
 
 
 def _kernel_seconds(cfg: DictConfig, n: int, *, batch_size: int) -> float:
     """Seconds of the symmetric N×N kernel of ``cfg``'s model: two timed probes fit a + b·N²."""
-    shape = nads_shape(cfg) if "nads" in cfg.paths else data_sizes(cfg)[0]
-    key = json.dumps([artifacts.to_container(cfg.model), shape, batch_size], default=str)
-    if key not in _KERNEL_FITS:
-        (n1, t1), (n2, t2) = ((m, _time_kernel(cfg, shape, m, batch_size)) for m in KERNEL_PROBES)
-        slope = max(t2 - t1, 0.0) / (n2**2 - n1**2)
-        _KERNEL_FITS[key] = (max(t1 - slope * n1**2, 0.0), slope)
-    fixed, slope = _KERNEL_FITS[key]
+    fixed, slope, _ = _kernel_fit(cfg, batch_size)
     return fixed + slope * n * n
 
 
-def _time_kernel(cfg: DictConfig, shape: tuple[int, ...], n: int, batch_size: int) -> float:
-    """Seconds of one (compiled) n×n kernel of ``cfg``'s model on random inputs of ``shape``."""
+def _kernel_compile_seconds(cfg: DictConfig, batch_size: int) -> float:
+    """Seconds a run spends compiling the kernel's blocks once (the first probe's extra time)."""
+    return _kernel_fit(cfg, batch_size)[2]
+
+
+def _kernel_fit(cfg: DictConfig, batch_size: int) -> tuple[float, float, float]:
+    """(a, b, compile seconds) of the kernel time a + b·N², from two timed probes (cached)."""
+    shape = nads_shape(cfg) if "nads" in cfg.paths else data_sizes(cfg)[0]
+    key = json.dumps([artifacts.to_container(cfg.model), shape, batch_size], default=str)
+    if key not in _KERNEL_FITS:
+        (t1, compile_s), (t2, _) = (_time_kernel(cfg, shape, m, batch_size) for m in KERNEL_PROBES)
+        (n1, n2) = KERNEL_PROBES
+        slope = max(t2 - t1, 0.0) / (n2**2 - n1**2)
+        _KERNEL_FITS[key] = (max(t1 - slope * n1**2, 0.0), slope, compile_s)
+    return _KERNEL_FITS[key]
+
+
+def _time_kernel(
+    cfg: DictConfig, shape: tuple[int, ...], n: int, batch_size: int
+) -> tuple[float, float]:
+    """Seconds of one (compiled) n×n kernel of ``cfg``'s model on random inputs of ``shape``, and
+    the first call's extra seconds (compilation)."""
     import jax
 
     from ntklab.models import build_model, inference_apply_fn, init_variables
@@ -139,22 +154,39 @@ def _time_kernel(cfg: DictConfig, shape: tuple[int, ...], n: int, batch_size: in
     variables = init_variables(model, jax.random.PRNGKey(0), shape)
     apply_fn = inference_apply_fn(model, variables)
     probe = np.random.default_rng(0).standard_normal((n, *shape), np.float32)
+    tic = time.perf_counter()
     empirical_ntk(apply_fn, variables["params"], probe, batch_size=batch_size)  # compiles
+    first = time.perf_counter() - tic
     tic = time.perf_counter()
     empirical_ntk(apply_fn, variables["params"], probe, batch_size=batch_size)
-    return time.perf_counter() - tic
+    seconds = time.perf_counter() - tic
+    return seconds, max(first - seconds, 0.0)
 
 
 def _compute_ntk_seconds(cfg: DictConfig, num_eigvecs: int) -> float:
-    """A created compute_ntk run: the kernel, ~15 passes of the eigensolver over it (Chebyshev,
-    2 N² (k + oversampling) flops each) and the readouts (a Cholesky of K_tr,tr and the
-    quotients), at the host's measured matmul rate."""
+    """A created compute_ntk run: the kernel (with its compilation), the eigensolve and the
+    readouts (a Cholesky of K_tr,tr and the quotients), at the host's measured matmul rate.
+
+    The eigensolve as ``ntk.eigen_dtype`` and ``ntk.solver`` resolve it: the float64 ``evr`` costs
+    about 8 N³ + 48 k N² float32-matmul flops (fit to N = 6,102, k = 200 and 1,000: 10.4 s and
+    17.7 s at 200 GFLOP/s); a float32 Chebyshev about 15 passes of 2 N² (k + oversampling).
+    """
+    from ntklab.experiments.kernel_job import eigen_precision
+
     _, num_train, num_test = data_sizes(cfg)
     n = num_train + num_test
     k = min(n, num_eigvecs)
-    kernel = _kernel_seconds(cfg, n, batch_size=256)
-    flops = 15 * 2.0 * n * n * (k + max(16, k // 4)) + num_train**3 / 3 + 12.0 * n * n * k
-    return kernel + flops / _matmul_rate()
+    kernel = _kernel_seconds(cfg, n, batch_size=256) + _kernel_compile_seconds(cfg, 256)
+    ntk = cfg.get("ntk") or {}
+    dtype, solver = eigen_precision(
+        str(ntk.get("eigen_dtype", "auto")), str(ntk.get("solver", "auto")), n
+    )
+    if dtype == "float64" and solver == "evr":
+        eigen = 8.0 * n**3 + 48.0 * k * n * n
+    else:
+        eigen = 15 * 2.0 * n * n * (k + max(16, k // 4))
+    readouts = num_train**3 / 3 + 12.0 * n * n * k
+    return kernel + (eigen + readouts) / _matmul_rate()
 
 
 _RATE: list[float] = []
@@ -176,7 +208,9 @@ def _matmul_rate() -> float:
     return _RATE[0]
 
 
-_STEP_TIMES: dict[str, tuple[float, float]] = {}
+_STEP_TIMES: dict[str, tuple[float, float, float]] = {}
+RUN_SETUP_SECONDS = 1.0
+"""Per run: composing its config, loading the data and its prerequisite run, writing its files."""
 
 
 def _run_seconds(cfg: DictConfig, script: str) -> tuple[float, str]:
@@ -195,11 +229,14 @@ def _run_seconds(cfg: DictConfig, script: str) -> tuple[float, str]:
         models = [(bool(cfg.linearize), bool(cfg.with_bias))]
     seconds, timed = 0.0, []
     for linearize, with_bias in models:
-        step_s, eval_s = _step_times(cfg, train, shape, linearize=linearize, with_bias=with_bias)
+        step_s, eval_s, compile_s = _step_times(
+            cfg, train, shape, linearize=linearize, with_bias=with_bias
+        )
         steps = math.ceil(num_train / train.batch_size)
         eval_batch = min(train.eval_batch_size, max(num_train, num_test))
         evals = math.ceil(num_train / eval_batch) + math.ceil(num_test / eval_batch)
         seconds += train.epochs * (steps * step_s + evals * eval_s) + evals * eval_s
+        seconds += compile_s + RUN_SETUP_SECONDS
         step = f"{'linear' if linearize else 'network'} {step_s * 1e3:.3g} ms"
         if step not in timed:
             timed.append(step)
@@ -209,8 +246,9 @@ def _run_seconds(cfg: DictConfig, script: str) -> tuple[float, str]:
 
 def _step_times(
     cfg: DictConfig, train: Any, shape: tuple[int, ...], *, linearize: bool, with_bias: bool
-) -> tuple[float, float]:
-    """Seconds of one jitted training step [B, *shape] and one evaluation batch (cached)."""
+) -> tuple[float, float, float]:
+    """Seconds of one jitted training step [B, *shape], of one evaluation batch, and of their
+    compilation (cached)."""
     import jax
 
     from ntklab.experiments.training import make_trainee
@@ -239,7 +277,9 @@ def _step_times(
         "x": np.zeros((train.batch_size, *shape), np.float32),
         "y": np.zeros((train.batch_size,), np.float32),
     }
+    tic = time.perf_counter()
     state, _ = jax.block_until_ready(compiled.train_step(train_fn, state, batch))  # compiles
+    compile_s = time.perf_counter() - tic
     step_s = math.inf
     for _ in range(3):  # the fastest of three: the least disturbed by other work
         tic = time.perf_counter()
@@ -251,13 +291,15 @@ def _step_times(
         "mask": np.ones((train.eval_batch_size,), bool),
     }
     params, stats = state.params, state.batch_stats
+    tic = time.perf_counter()
     jax.block_until_ready(compiled.eval_step(infer, params, stats, eval_batch))
+    compile_s += time.perf_counter() - tic
     eval_s = math.inf
     for _ in range(3):
         tic = time.perf_counter()
         jax.block_until_ready(compiled.eval_step(infer, params, stats, eval_batch))
         eval_s = min(eval_s, time.perf_counter() - tic)
-    _STEP_TIMES[key] = (step_s, eval_s)
+    _STEP_TIMES[key] = (step_s, eval_s, max(compile_s - step_s - eval_s, 0.0))
     return _STEP_TIMES[key]
 
 
