@@ -168,8 +168,9 @@ def _compute_ntk_seconds(cfg: DictConfig, num_eigvecs: int) -> float:
     readouts (a Cholesky of K_tr,tr and the quotients), at the host's measured matmul rate.
 
     The eigensolve as ``ntk.eigen_dtype`` and ``ntk.solver`` resolve it: the float64 ``evr`` costs
-    about 8 N³ + 48 k N² float32-matmul flops (fit to N = 6,102, k = 200 and 1,000: 10.4 s and
-    17.7 s at 200 GFLOP/s); a float32 Chebyshev about 15 passes of 2 N² (k + oversampling).
+    about 10 N³ + 60 k N² float32-matmul flops (fit to N = 6,102, k = 200 and 1,000: 10.4 s and
+    17.7 s where the float32 rate measured 250 GFLOP/s); a float32 Chebyshev about 15 passes of
+    2 N² (k + oversampling).
     """
     from ntklab.experiments.kernel_job import eigen_precision
 
@@ -182,7 +183,7 @@ def _compute_ntk_seconds(cfg: DictConfig, num_eigvecs: int) -> float:
         str(ntk.get("eigen_dtype", "auto")), str(ntk.get("solver", "auto")), n
     )
     if dtype == "float64" and solver == "evr":
-        eigen = 8.0 * n**3 + 48.0 * k * n * n
+        eigen = 10.0 * n**3 + 60.0 * k * n * n
     else:
         eigen = 15 * 2.0 * n * n * (k + max(16, k // 4))
     readouts = num_train**3 / 3 + 12.0 * n * n * k
@@ -209,8 +210,9 @@ def _matmul_rate() -> float:
 
 
 _STEP_TIMES: dict[str, tuple[float, float, float]] = {}
-RUN_SETUP_SECONDS = 1.0
-"""Per run: composing its config, loading the data and its prerequisite run, writing its files."""
+RUN_SETUP_SECONDS = 2.0
+"""Per run: composing its config, loading the data and its prerequisite run, initializing the
+model, writing its files and checkpoints (about 2 s per MLP job of a measured miniature sweep)."""
 
 
 def _run_seconds(cfg: DictConfig, script: str) -> tuple[float, str]:
