@@ -23,25 +23,13 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, compose_config
 from test_data import write_idx_files
+from tiny_run import TINY, tiny_config
 
 from ntklab import artifacts
 from ntklab.artifacts import DamagedArtifactError, RunFolderInUse, load_run
 from ntklab.errors import ConfigError
 from ntklab.experiments import compute_ntk, kernel_job, train_ntk
 from ntklab.experiments.cli import user_error_message
-
-TINY = [
-    "model=mlp",
-    "model.widths=[16]",
-    "data.num_train=24",
-    "data.num_test=12",
-    "ntk.batch_size=12",
-    "ntk.num_eigvecs=4",
-]
-
-
-def tiny_config(artifacts_dir, *extra: str):
-    return compose_config("compute_ntk", [*TINY, f"paths.artifacts={artifacts_dir}", *extra])
 
 
 def snapshot(folder) -> dict[str, bytes]:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ntk_structure import brute_force_full
 
 from ntklab.ntk import empirical_ntk
 from ntklab.ntk._conv_geometry import conv_config, host_conv_grads, host_conv_inputs
@@ -83,19 +84,6 @@ class AdversarialConvs(nn.Module):
         h = jnp.tanh(shared(jnp.tanh(shared(h))))
         h = jnp.tanh(nn.Dense(40)(h.reshape(h.shape[0], -1)))
         return nn.Dense(2)(h)
-
-
-def brute_force_full(apply_fn, params, x) -> np.ndarray:
-    """Θ[i, j, c, d] from jax.jacrev of the batched outputs (one jitted program)."""
-
-    @jax.jit
-    def kernel(params, x):
-        tree = jax.jacrev(lambda p: apply_fn(p, x))(params)
-        leaves = jax.tree.leaves(tree)
-        jac = jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], 2)
-        return jnp.einsum("icp,jdp->ijcd", jac, jac)
-
-    return np.asarray(kernel(params, x))
 
 
 @pytest.mark.parametrize("module", [SmallConvs, AdversarialConvs], ids=["small", "adversarial"])

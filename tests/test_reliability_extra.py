@@ -25,6 +25,7 @@ import pytest
 from conftest import REPO_ROOT, compose_config
 from test_data import write_idx_files
 from test_multiprocess import free_port
+from tiny_run import TINY, tiny_config
 
 from ntklab import artifacts
 from ntklab.artifacts import REPLACED_DIR, load_run, open_run
@@ -32,20 +33,6 @@ from ntklab.experiments import compute_ntk, kernel_job
 from ntklab.experiments.cli import Interrupted
 from ntklab.experiments.kernel_job import check_finite
 from ntklab.ntk import empirical_ntk, kernel_blocks
-
-TINY = [
-    "model=mlp",
-    "model.widths=[16]",
-    "data.num_train=24",
-    "data.num_test=12",
-    "ntk.batch_size=12",
-    "ntk.num_eigvecs=4",
-]
-"""The tiny compute_ntk run of tests/test_faults.py (digits, N=36)."""
-
-
-def tiny_config(artifacts_dir, *extra: str):
-    return compose_config("compute_ntk", [*TINY, f"paths.artifacts={artifacts_dir}", *extra])
 
 
 def disk_state(folder: Path) -> dict[str, tuple]:
