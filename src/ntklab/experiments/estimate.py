@@ -33,9 +33,10 @@ def estimate(config: DictConfig, jobs: list[list[str]], script: str) -> list[str
     Each kind of run (the overrides other than ``TIMING_KEYS_IGNORED``) is composed once; one
     jitted training step at ``train.batch_size`` and one evaluation batch on inputs of the data's
     shape are compiled, then timed; a run trains for ``epochs × (steps per epoch × step +
-    evaluation of train and test)``. A network run of ``train_ntk`` with alignment adds one kernel
-    pass per measurement (every ``alignment.every`` epochs and at the end); each missing
-    ``compute_ntk.py`` run adds its kernel, eigenpairs and readouts (see the module docstring).
+    evaluation of train and test)``, plus their compilation and ``RUN_SETUP_SECONDS``. A network
+    run of ``train_ntk`` with alignment adds the kernel's compilation and one kernel pass per
+    measurement (every ``alignment.every`` epochs and at the end); each missing ``compute_ntk.py``
+    run adds its kernel, eigenpairs and readouts (see the module docstring).
 
     Returns:
       Lines to print, the total first.
@@ -63,7 +64,7 @@ def estimate(config: DictConfig, jobs: list[list[str]], script: str) -> list[str
 
 
 def _alignment_seconds(cfg: DictConfig, script: str) -> float:
-    """One train_ntk network run's alignment: one kernel pass per measurement."""
+    """One train_ntk network run's alignment: the kernel's compilation, one pass per measurement."""
     if script != "train_ntk" or cfg.linearize or not cfg.alignment.enabled:
         return 0.0
     _, num_train, num_test = data_sizes(cfg)
